@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs every test of blockcsi: unit tests, real-kernel integration tests and the csi-sanity
+# conformance suites (mount, block, split controller/node). Needs root (loop devices, mkfs,
+# mounts). Installs what is missing on a fresh Debian machine: e2fsprogs, xfsprogs, util-linux
+# from apt, csi-sanity with `go install` (cached under ~/.cache/blockcsi).
+# The last line is the total over everything: "N passed, N failed, N skipped".
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "test-all.sh: run as root: the tests attach loop devices, run mkfs and mount" >&2
+  exit 1
+fi
+
+# Toolchains live outside the default PATH on a fresh machine of this kind.
+for d in "$HOME/.cargo/bin" /usr/local/go/bin "$HOME/go/bin"; do
+  case ":$PATH:" in *":$d:"*) ;; *) [ -d "$d" ] && PATH="$d:$PATH" ;; esac
+done
+export PATH
+
+missing=()
+for tool in mkfs.ext4:e2fsprogs resize2fs:e2fsprogs mkfs.xfs:xfsprogs xfs_growfs:xfsprogs \
+            xfs_admin:xfsprogs blkid:util-linux losetup:mount; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "== installing: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(printf '%s\n' "${missing[@]}" | sort -u)
+fi
+for tool in cargo go; do
+  command -v "$tool" >/dev/null || { echo "test-all.sh: $tool is required" >&2; exit 1; }
+done
+[ -e /dev/loop-control ] || modprobe loop || { echo "test-all.sh: no loop device support" >&2; exit 1; }
+
+echo "== csi-sanity"
+sanity_bin="$(csi-sanity/install.sh | tail -n 1)"
+
+echo "== cargo test (release: the integration tests drive target/release/blockcsi)"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo_status=0
+cargo test --release --locked 2>&1 | tee "$log" || cargo_status=$?
+read -r c_pass c_fail c_skip < <(awk '/^test result:/ {
+    for (i = 1; i <= NF; i++) {
+      if ($(i) ~ /^passed;?$/) p += $(i-1);
+      if ($(i) ~ /^failed;?$/) f += $(i-1);
+      if ($(i) ~ /^ignored;?$/) s += $(i-1);
+    } } END { print p+0, f+0, s+0 }' "$log")
+if [ "$cargo_status" -ne 0 ] && [ "$c_fail" -eq 0 ]; then c_fail=1; fi
+
+echo "== csi-sanity suites"
+sanity_status=0
+CSI_SANITY="$sanity_bin" csi-sanity/run.sh --binary target/release/blockcsi 2>&1 | tee "$log" || sanity_status=$?
+read -r s_pass s_fail s_skip < <(awk 'NF == 6 && $2 == "passed," && $4 == "failed," { l = $1 " " $3 " " $5 }
+    END { print (l == "" ? "0 1 0" : l) }' "$log")
+if [ "$sanity_status" -ne 0 ] && [ "$s_fail" -eq 0 ]; then s_fail=1; fi
+
+echo "== summary"
+echo "cargo test: ${c_pass} passed, ${c_fail} failed, ${c_skip} skipped"
+echo "csi-sanity: ${s_pass} passed, ${s_fail} failed, ${s_skip} skipped (skipped = specs gated by capabilities not advertised)"
+echo "$((c_pass + s_pass)) passed, $((c_fail + s_fail)) failed, $((c_skip + s_skip)) skipped"
+[ "$cargo_status" -eq 0 ] && [ "$sanity_status" -eq 0 ] && [ "$c_fail" -eq 0 ] && [ "$s_fail" -eq 0 ]

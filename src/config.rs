@@ -1,0 +1,271 @@
+//! Settings of `blockcsi serve`, merged from three sources: flags beat environment variables
+//! (both parsed by clap), which beat the YAML file named by `--config`, which beats the defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Controller and node services in one process.
+    All,
+    Controller,
+    Node,
+}
+
+impl Mode {
+    pub fn controller(self) -> bool {
+        matches!(self, Mode::All | Mode::Controller)
+    }
+    pub fn node(self) -> bool {
+        matches!(self, Mode::All | Mode::Node)
+    }
+}
+
+pub const DEFAULT_ENDPOINT: &str = "unix:///run/blockcsi/csi.sock";
+pub const DEFAULT_POOL: &str = "/var/lib/blockcsi/pool";
+pub const DEFAULT_DRIVER_NAME: &str = "blockcsi.dev";
+
+/// Flags of `serve`; every one may also come from the environment variable it names.
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Which services to run [default: all]
+    #[arg(long, env = "BLOCKCSI_MODE", value_enum)]
+    pub mode: Option<Mode>,
+    /// The CSI socket, as unix:///absolute/path.sock [default: unix:///run/blockcsi/csi.sock]
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// This node's id [default: the host name]
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
+    /// The pool directory holding volume images and records [default: /var/lib/blockcsi/pool]
+    #[arg(long, env = "BLOCKCSI_POOL")]
+    pub pool: Option<PathBuf>,
+    /// The CSI driver name (the StorageClass provisioner) [default: blockcsi.dev]
+    #[arg(long, env = "BLOCKCSI_DRIVER_NAME")]
+    pub driver_name: Option<String>,
+    /// A YAML file with any of these settings (keys as the flag names, without dashes prefix)
+    #[arg(long, env = "BLOCKCSI_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Most volumes published to this node at once; 0 = no limit [default: 0]
+    #[arg(long, env = "BLOCKCSI_MAX_VOLUMES_PER_NODE")]
+    pub max_volumes_per_node: Option<u64>,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive [default: info]
+    #[arg(long, env = "BLOCKCSI_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The YAML config file: the same settings, named as the flags are.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    mode: Option<Mode>,
+    endpoint: Option<String>,
+    node_id: Option<String>,
+    pool: Option<PathBuf>,
+    driver_name: Option<String>,
+    max_volumes_per_node: Option<u64>,
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub mode: Mode,
+    pub socket: PathBuf,
+    pub node_id: String,
+    pub pool: PathBuf,
+    pub driver_name: String,
+    pub max_volumes_per_node: u64,
+    pub log_level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ServeArgs {
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let endpoint = self
+            .endpoint
+            .or(file.endpoint)
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let node_id = match self.node_id.or(file.node_id) {
+            Some(id) => id,
+            None => nix::unistd::gethostname()
+                .map_err(|e| ConfigError::Invalid(format!("cannot read the host name: {e}")))?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let cfg = Config {
+            mode: self.mode.or(file.mode).unwrap_or(Mode::All),
+            socket: socket_path(&endpoint)?,
+            node_id,
+            pool: self
+                .pool
+                .or(file.pool)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_POOL)),
+            driver_name: self
+                .driver_name
+                .or(file.driver_name)
+                .unwrap_or_else(|| DEFAULT_DRIVER_NAME.to_string()),
+            max_volumes_per_node: self
+                .max_volumes_per_node
+                .or(file.max_volumes_per_node)
+                .unwrap_or(0),
+            log_level: self
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".to_string()),
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `unix:///abs/path` (or a bare absolute path) to the socket path.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, ConfigError> {
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(ConfigError::Invalid(format!(
+            "endpoint {endpoint:?} must be unix:///absolute/path"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// CSI driver names: at most 63 characters, alphanumeric at both ends, '-', '.' and
+/// alphanumerics between.
+pub fn valid_driver_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.'))
+}
+
+impl Config {
+    fn check(&self) -> Result<(), ConfigError> {
+        if !valid_driver_name(&self.driver_name) {
+            return Err(ConfigError::Invalid(format!(
+                "driver name {:?} must be 1-63 characters, alphanumeric at both ends, with '-', '.' \
+                 and alphanumerics between",
+                self.driver_name
+            )));
+        }
+        if self.mode.node() && !crate::backend::filepool::is_node_id(&self.node_id) {
+            return Err(ConfigError::Invalid(format!(
+                "node id {:?} must be 1-128 letters, digits, '.', '_' or '-', alphanumeric at both ends",
+                self.node_id
+            )));
+        }
+        if !self.pool.is_absolute() {
+            return Err(ConfigError::Invalid(format!(
+                "pool {} must be an absolute path",
+                self.pool.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yaml");
+        std::fs::write(
+            &file,
+            "mode: node\nendpoint: unix:///tmp/from-file.sock\nnode-id: file-node\npool: /srv/pool\nmax-volumes-per-node: 7\n",
+        )
+        .unwrap();
+        let cfg = ServeArgs {
+            config: Some(file),
+            node_id: Some("flag-node".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.mode, Mode::Node);
+        assert_eq!(cfg.socket, PathBuf::from("/tmp/from-file.sock"));
+        assert_eq!(cfg.node_id, "flag-node");
+        assert_eq!(cfg.pool, PathBuf::from("/srv/pool"));
+        assert_eq!(cfg.max_volumes_per_node, 7);
+        assert_eq!(cfg.driver_name, DEFAULT_DRIVER_NAME);
+    }
+
+    #[test]
+    fn defaults_apply_without_any_source() {
+        let cfg = ServeArgs {
+            node_id: Some("n".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.mode, Mode::All);
+        assert_eq!(cfg.socket, PathBuf::from("/run/blockcsi/csi.sock"));
+        assert_eq!(cfg.pool, PathBuf::from(DEFAULT_POOL));
+        assert_eq!(cfg.max_volumes_per_node, 0);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yaml");
+        std::fs::write(&file, "nodeid: typo\n").unwrap();
+        let err = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        for endpoint in ["tcp://1.2.3.4:5", "unix://relative.sock", ""] {
+            assert!(socket_path(endpoint).is_err(), "{endpoint}");
+        }
+        for (name, ok) in [
+            ("blockcsi.dev", true),
+            ("a", true),
+            ("-a", false),
+            ("a_b", false),
+            (&"a".repeat(64), false),
+        ] {
+            assert_eq!(valid_driver_name(name), ok, "{name}");
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The Identity service: who we are, what we offer, whether we are healthy.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::pb;
+use crate::pb::plugin_capability::service::Type as ServiceType;
+
+pub struct IdentityService {
+    pub driver_name: String,
+    pub controller: Option<Arc<crate::controller::Controller>>,
+    pub node: Option<Arc<crate::node::NodeService>>,
+}
+
+fn service(t: ServiceType) -> pb::PluginCapability {
+    pb::PluginCapability {
+        r#type: Some(pb::plugin_capability::Type::Service(
+            pb::plugin_capability::Service { r#type: t as i32 },
+        )),
+    }
+}
+
+impl IdentityService {
+    fn check(&self) -> crate::error::Result<()> {
+        if let Some(c) = &self.controller {
+            c.backend()
+                .capacity()
+                .map_err(|e| Error::FailedPrecondition(format!("pool is not usable: {e}")))?;
+        }
+        if let Some(n) = &self.node {
+            n.host()
+                .check_ready()
+                .map_err(|e| Error::FailedPrecondition(format!("node is not ready: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::identity_server::Identity for IdentityService {
+    async fn get_plugin_info(
+        &self,
+        _req: Request<pb::GetPluginInfoRequest>,
+    ) -> Result<Response<pb::GetPluginInfoResponse>, Status> {
+        super::quick(
+            "GetPluginInfo",
+            Ok(pb::GetPluginInfoResponse {
+                name: self.driver_name.clone(),
+                vendor_version: env!("CARGO_PKG_VERSION").to_string(),
+                manifest: Default::default(),
+            }),
+        )
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _req: Request<pb::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<pb::GetPluginCapabilitiesResponse>, Status> {
+        let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
+        if self.controller.is_some() {
+            capabilities.push(service(ServiceType::ControllerService));
+        }
+        super::quick(
+            "GetPluginCapabilities",
+            Ok(pb::GetPluginCapabilitiesResponse { capabilities }),
+        )
+    }
+
+    async fn probe(
+        &self,
+        _req: Request<pb::ProbeRequest>,
+    ) -> Result<Response<pb::ProbeResponse>, Status> {
+        super::quick(
+            "Probe",
+            self.check()
+                .map(|()| pb::ProbeResponse { ready: Some(true) }),
+        )
+    }
+}

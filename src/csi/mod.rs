@@ -1,0 +1,74 @@
+//! Thin tonic adapters: each RPC validates its request (see `validate`), calls the domain logic on
+//! the blocking pool, and turns the domain result into a reply. Errors become gRPC codes in one
+//! place (`error.rs`); every RPC is logged once at info with its duration and code.
+
+pub mod controller;
+pub mod identity;
+pub mod node;
+
+use std::time::Instant;
+
+use tonic::{Code, Response, Status};
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+
+/// Runs blocking domain work for one RPC and logs the outcome.
+pub(crate) async fn run<T, F>(
+    method: &'static str,
+    volume_id: &str,
+    work: F,
+) -> std::result::Result<Response<T>, Status>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    let started = Instant::now();
+    let res = match tokio::task::spawn_blocking(work).await {
+        Ok(r) => r,
+        Err(e) => Err(Error::Internal(format!("{method} worker failed: {e}"))),
+    };
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    match res {
+        Ok(reply) => {
+            info!(method, volume_id, elapsed_ms, code = "OK", "rpc");
+            Ok(Response::new(reply))
+        }
+        Err(err) => {
+            let status = Status::from(err);
+            if matches!(status.code(), Code::Internal | Code::Unavailable) {
+                warn!(method, volume_id, elapsed_ms, code = ?status.code(), message = status.message(), "rpc");
+            } else {
+                info!(method, volume_id, elapsed_ms, code = ?status.code(), message = status.message(), "rpc");
+            }
+            Err(status)
+        }
+    }
+}
+
+/// Runs a cheap RPC that needs no blocking pool.
+pub(crate) fn quick<T>(
+    method: &'static str,
+    res: Result<T>,
+) -> std::result::Result<Response<T>, Status> {
+    match res {
+        Ok(reply) => {
+            tracing::debug!(method, code = "OK", "rpc");
+            Ok(Response::new(reply))
+        }
+        Err(err) => {
+            let status = Status::from(err);
+            info!(method, code = ?status.code(), message = status.message(), "rpc");
+            Err(status)
+        }
+    }
+}
+
+pub(crate) fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Negative sizes are invalid; zero means "not given".
+pub(crate) fn to_u64(n: i64, field: &str) -> Result<u64> {
+    u64::try_from(n).map_err(|_| Error::InvalidArgument(format!("{field} must not be negative")))
+}

@@ -1,0 +1,121 @@
+//! The driver's error type and the one place where errors become gRPC status codes.
+//! Lower layers (backend, host) have their own error enums; they convert into [`Error`] here,
+//! and [`Error`] converts into [`tonic::Status`] with the code the CSI spec names.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// Another operation on the same object is in flight; the caller retries.
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        let code = match &err {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Aborted(_) => Code::Aborted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+impl From<crate::backend::Error> for Error {
+    fn from(err: crate::backend::Error) -> Error {
+        use crate::backend::Error as B;
+        let msg = err.to_string();
+        match err {
+            B::NotFound(_) => Error::NotFound(msg),
+            B::AlreadyExists(_) => Error::AlreadyExists(msg),
+            B::InUse(_) => Error::FailedPrecondition(msg),
+            B::Exhausted(_) => Error::ResourceExhausted(msg),
+            B::OutOfRange(_) => Error::OutOfRange(msg),
+            B::Unavailable(_) => Error::Unavailable(msg),
+            B::Conflict(_) => Error::FailedPrecondition(msg),
+            B::Io { .. } | B::Corrupt(_) => Error::Internal(msg),
+        }
+    }
+}
+
+impl From<crate::host::Error> for Error {
+    fn from(err: crate::host::Error) -> Error {
+        use crate::host::Error as H;
+        match err {
+            H::MissingTool(_) => Error::FailedPrecondition(err.to_string()),
+            H::Busy(_) => Error::FailedPrecondition(err.to_string()),
+            H::Timeout { .. } => Error::Unavailable(err.to_string()),
+            H::Io { .. } | H::Command { .. } => Error::Internal(err.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_maps_to_its_code() {
+        let cases = [
+            (Error::InvalidArgument("x".into()), Code::InvalidArgument),
+            (Error::NotFound("x".into()), Code::NotFound),
+            (Error::AlreadyExists("x".into()), Code::AlreadyExists),
+            (
+                Error::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (Error::OutOfRange("x".into()), Code::OutOfRange),
+            (
+                Error::ResourceExhausted("x".into()),
+                Code::ResourceExhausted,
+            ),
+            (Error::Aborted("x".into()), Code::Aborted),
+            (Error::Unavailable("x".into()), Code::Unavailable),
+            (Error::Internal("x".into()), Code::Internal),
+        ];
+        for (err, code) in cases {
+            assert_eq!(Status::from(err).code(), code);
+        }
+    }
+
+    #[test]
+    fn backend_errors_keep_their_meaning() {
+        use crate::backend::Error as B;
+        let cases = [
+            (B::NotFound("volume v".into()), Code::NotFound),
+            (B::AlreadyExists("name n".into()), Code::AlreadyExists),
+            (B::InUse("volume v".into()), Code::FailedPrecondition),
+            (B::Exhausted("pool".into()), Code::ResourceExhausted),
+            (B::OutOfRange("size".into()), Code::OutOfRange),
+            (B::Unavailable("pool".into()), Code::Unavailable),
+        ];
+        for (err, code) in cases {
+            assert_eq!(Status::from(Error::from(err)).code(), code);
+        }
+    }
+}

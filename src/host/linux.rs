@@ -1,0 +1,604 @@
+//! The real [`Host`]: loop ioctls (via [`super::loopdev`]), mount(2), statvfs(2), and the few
+//! external tools (blkid, mkfs, grow) run with explicit arguments under a timeout.
+//! Probing fails closed: anything short of a clean "nothing found" is an error, never blank.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sys::statvfs::FsFlags;
+use tracing::debug;
+
+use super::{
+    loopdev::{self, LOOP_CONTROL},
+    mountinfo, AttachOptions, DevId, Error, FsStats, FsType, Host, LoopDevice, MountEntry,
+    MountOptions, Probe, Result,
+};
+
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+// Lazy init makes mkfs take milliseconds; minutes means a hung device, not a big one.
+const MKFS_TIMEOUT: Duration = Duration::from_secs(300);
+const GROW_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// blkid's exit status when it found no signature at all.
+const BLKID_NOTHING_FOUND: i32 = 2;
+
+/// How much of each end of a device `probe` reads itself before trusting blkid: signatures live
+/// at both ends, and blkid reports an unreadable device as "nothing found".
+const PROBE_READ: u64 = 64 * 1024;
+
+/// The tools the node cannot stage a volume without.
+const REQUIRED_TOOLS: [&str; 3] = ["mkfs.ext4", "mkfs.xfs", "blkid"];
+
+// BLKGETSIZE64 is _IOR(0x12, 114, size_t) but always writes a u64.
+nix::ioctl_read_bad!(
+    blk_get_size64,
+    nix::request_code_read!(0x12, 114, std::mem::size_of::<usize>()),
+    u64
+);
+
+/// The host of a real Linux machine. Stateless: every answer comes from the kernel.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxHost;
+
+impl LinuxHost {
+    pub fn new() -> LinuxHost {
+        LinuxHost
+    }
+}
+
+impl Host for LinuxHost {
+    fn loop_devices(&self) -> Result<Vec<LoopDevice>> {
+        loopdev::list()
+    }
+
+    fn attach_loop(&self, image: &Path, opts: AttachOptions) -> Result<LoopDevice> {
+        loopdev::attach(image, opts)
+    }
+
+    fn detach_loop(&self, dev: &LoopDevice) -> Result<()> {
+        loopdev::detach(dev)
+    }
+
+    fn refresh_loop_capacity(&self, dev: &LoopDevice) -> Result<()> {
+        loopdev::set_capacity(dev)
+    }
+
+    fn probe(&self, device: &Path) -> Result<Probe> {
+        check_readable(device)?;
+        let args: [&dyn AsRef<OsStr>; 4] = [&"-p", &"-o", &"export", &device];
+        let out = execute("blkid", &args, PROBE_TIMEOUT)?;
+        match out.status.code() {
+            Some(0) => Ok(parse_blkid(&String::from_utf8_lossy(&out.stdout))),
+            // blkid also says "nothing found" when it could not open the device, so anything on
+            // stderr makes the answer unknown.
+            Some(BLKID_NOTHING_FOUND) if out.stderr.iter().all(u8::is_ascii_whitespace) => {
+                Ok(Probe::Blank)
+            }
+            _ => Err(command_error("blkid", &args, &out)),
+        }
+    }
+
+    fn mkfs(&self, device: &Path, fs: FsType) -> Result<()> {
+        // mkfs.ext4 overwrites an existing filesystem without asking when stdin is not a
+        // terminal, so the caller's probe is not enough of a guard: look again right here.
+        match self.probe(device)? {
+            Probe::Blank => {}
+            found => {
+                return Err(Error::io(
+                    format!(
+                        "refusing to format {}, which holds {}",
+                        device.display(),
+                        describe(&found)
+                    ),
+                    io::Error::from(io::ErrorKind::AlreadyExists),
+                ))
+            }
+        }
+        match fs {
+            FsType::Ext4 => run(
+                "mkfs.ext4",
+                &[
+                    &"-q",
+                    &"-E",
+                    &"lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                    &device,
+                ],
+                MKFS_TIMEOUT,
+            ),
+            FsType::Xfs => run("mkfs.xfs", &[&"-q", &"-K", &device], MKFS_TIMEOUT),
+        }
+        .map(drop)
+    }
+
+    fn mount(&self, device: &Path, target: &Path, fs: &str, opts: &MountOptions) -> Result<()> {
+        let mut flags = MsFlags::from_bits_retain(opts.flags as libc::c_ulong);
+        flags.set(MsFlags::MS_RDONLY, opts.read_only);
+        let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
+        debug!(device = %device.display(), target = %target.display(), fs, flags = flags.bits(), data = ?data, "mount(2)");
+        nix::mount::mount(Some(device), target, Some(fs), flags, data).map_err(|e| {
+            Error::io(
+                format!("mount {} on {} as {fs}", device.display(), target.display()),
+                e.into(),
+            )
+        })
+    }
+
+    fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
+        let context = || format!("bind {} on {}", source.display(), target.display());
+        debug!(source = %source.display(), target = %target.display(), "mount(2) MS_BIND");
+        nix::mount::mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| Error::io(context(), e.into()))?;
+        if !read_only {
+            return Ok(());
+        }
+        if let Err(e) = remount_read_only(target) {
+            // No half-done state: a read-write bind where read-only was asked is worse than none.
+            if let Err(undo) = umount(target) {
+                tracing::warn!(target = %target.display(), error = %undo, "could not undo a bind after its read-only remount failed");
+            }
+            return Err(Error::io(format!("{}: read-only remount", context()), e));
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<()> {
+        umount(target).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                Error::Busy(format!("{} is busy", target.display()))
+            } else {
+                Error::io(format!("unmount {}", target.display()), e)
+            }
+        })
+    }
+
+    fn mounts(&self) -> Result<Vec<MountEntry>> {
+        let data =
+            std::fs::read(MOUNTINFO).map_err(|e| Error::io(format!("read {MOUNTINFO}"), e))?;
+        mountinfo::parse_bytes(&data).map_err(|e| {
+            Error::io(
+                format!("parse {MOUNTINFO}"),
+                io::Error::new(io::ErrorKind::InvalidData, e),
+            )
+        })
+    }
+
+    fn device_number(&self, path: &Path) -> Result<Option<DevId>> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        Ok(meta
+            .file_type()
+            .is_block_device()
+            .then(|| loopdev::dev_id(meta.rdev())))
+    }
+
+    fn device_size(&self, device: &Path) -> Result<u64> {
+        let file =
+            File::open(device).map_err(|e| Error::io(format!("open {}", device.display()), e))?;
+        block_device_size(&file).map_err(|e| Error::io(format!("size of {}", device.display()), e))
+    }
+
+    fn fs_stats(&self, path: &Path) -> Result<FsStats> {
+        debug!(path = %path.display(), "statvfs(2)");
+        let st = nix::sys::statvfs::statvfs(path)
+            .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
+        // The field types differ between targets; all are unsigned and at most 64 bits.
+        let frsize = st.fragment_size() as u64;
+        let (blocks, bfree, bavail) = (
+            st.blocks() as u64,
+            st.blocks_free() as u64,
+            st.blocks_available() as u64,
+        );
+        let (files, ffree) = (st.files() as u64, st.files_free() as u64);
+        Ok(FsStats {
+            total_bytes: blocks.saturating_mul(frsize),
+            available_bytes: bavail.saturating_mul(frsize),
+            used_bytes: blocks.saturating_sub(bfree).saturating_mul(frsize),
+            total_inodes: files,
+            free_inodes: ffree,
+            used_inodes: files.saturating_sub(ffree),
+        })
+    }
+
+    fn grow_fs(&self, device: &Path, mount_point: &Path, fs: FsType) -> Result<()> {
+        match fs {
+            FsType::Ext4 => run("resize2fs", &[&device], GROW_TIMEOUT),
+            FsType::Xfs => run("xfs_growfs", &[&mount_point], GROW_TIMEOUT),
+        }
+        .map(drop)
+    }
+
+    fn check_ready(&self) -> std::result::Result<(), String> {
+        let mut missing = Vec::new();
+        if let Err(e) = OpenOptions::new().read(true).write(true).open(LOOP_CONTROL) {
+            missing.push(format!("{LOOP_CONTROL} ({e})"));
+        }
+        for tool in REQUIRED_TOOLS {
+            if find_on_path(tool).is_none() {
+                missing.push(tool.to_string());
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("missing: {}", missing.join(", ")))
+        }
+    }
+}
+
+fn umount(target: &Path) -> io::Result<()> {
+    debug!(target = %target.display(), "umount2(2)");
+    // NOFOLLOW: a symlink planted at a target must not redirect the unmount elsewhere.
+    nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(io::Error::from)
+}
+
+/// Makes the bind at `target` read-only. A bind remount replaces every per-mount flag, so the
+/// flags the bind inherited from its source (nosuid, nodev, noexec...) are passed again, or a
+/// read-only publish would quietly drop them.
+fn remount_read_only(target: &Path) -> io::Result<()> {
+    let inherited = nix::sys::statvfs::statvfs(target)?.flags();
+    let carried = [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ]
+    .into_iter()
+    .filter(|(st, _)| inherited.contains(*st))
+    .fold(MsFlags::empty(), |acc, (_, ms)| acc | ms);
+    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | carried;
+    debug!(target = %target.display(), flags = flags.bits(), "mount(2) MS_REMOUNT|MS_BIND|MS_RDONLY");
+    nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>)?;
+    Ok(())
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size = 0u64;
+    debug!("ioctl BLKGETSIZE64");
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`.
+    unsafe { blk_get_size64(file.as_raw_fd(), &mut size) }?;
+    Ok(size)
+}
+
+/// Proves the device can be read where signatures live before blkid's answer is believed: blkid
+/// exits with "nothing found" on a device it cannot open, and a detached loop device reads as
+/// zero bytes, which no prober can tell from blank.
+fn check_readable(device: &Path) -> Result<()> {
+    let context = |what: &str| format!("{what} {}", device.display());
+    let file = File::open(device).map_err(|e| Error::io(context("open"), e))?;
+    let meta = file.metadata().map_err(|e| Error::io(context("stat"), e))?;
+    if !meta.file_type().is_block_device() {
+        return Err(Error::io(
+            context("probe"),
+            io::Error::new(io::ErrorKind::InvalidInput, "not a block device"),
+        ));
+    }
+    let size = block_device_size(&file).map_err(|e| Error::io(context("size of"), e))?;
+    if size == 0 {
+        return Err(Error::io(
+            context("probe"),
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "device has no size (not attached?)",
+            ),
+        ));
+    }
+    let len = size.min(PROBE_READ);
+    let mut buf = vec![0u8; len as usize];
+    for offset in [0, size - len] {
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| Error::io(format!("read {} at {offset}", device.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Reads `blkid -p -o export` output (exit 0: some signature was found).
+fn parse_blkid(out: &str) -> Probe {
+    let tags: HashMap<&str, String> = out
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim(), unescape_export(v)))
+        .collect();
+    let get = |k: &str| tags.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    match (get("PTTYPE"), get("TYPE"), get("USAGE")) {
+        (None, Some(fs_type), Some("filesystem")) => Probe::Filesystem {
+            fs_type: fs_type.to_string(),
+            uuid: get("UUID").map(str::to_string),
+        },
+        // A partition table, even beside a filesystem signature, means the device is laid out
+        // in a way this driver never creates: hands off.
+        (Some(pt), ty, _) => Probe::Other {
+            description: match ty {
+                Some(ty) => format!("a partition table ({pt}) and a signature of type {ty}"),
+                None => format!("a partition table ({pt})"),
+            },
+        },
+        (None, Some(ty), usage) => Probe::Other {
+            description: format!(
+                "a signature of type {ty} (usage {})",
+                usage.unwrap_or("unknown")
+            ),
+        },
+        (None, None, _) => Probe::Other {
+            description: "an unidentified signature".to_string(),
+        },
+    }
+}
+
+/// blkid's export format backslash-escapes shell-special characters in values.
+fn unescape_export(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let mut chars = v.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            if let Some(next) = chars.next() {
+                out.push(next);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn describe(p: &Probe) -> String {
+    match p {
+        Probe::Blank => "nothing".to_string(),
+        Probe::Filesystem { fs_type, .. } => format!("a filesystem ({fs_type})"),
+        Probe::Other { description } => description.clone(),
+    }
+}
+
+fn find_on_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Runs a tool to completion within `timeout` and fails unless it exits 0; the error carries
+/// the tool's own message.
+pub fn run(program: &str, args: &[&dyn AsRef<OsStr>], timeout: Duration) -> Result<Output> {
+    let out = execute(program, args, timeout)?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(command_error(program, args, &out))
+    }
+}
+
+/// Runs a tool within `timeout`, whatever its exit status. No shell, no stdin, C locale.
+fn execute(program: &str, args: &[&dyn AsRef<OsStr>], timeout: Duration) -> Result<Output> {
+    let line = command_line(program, args);
+    debug!(command = %line, "run");
+    let mut child = Command::new(program)
+        .args(args.iter().map(|a| a.as_ref()))
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::MissingTool(program.to_string())
+            } else {
+                Error::io(format!("start {line}"), e)
+            }
+        })?;
+    // Drained on their own threads, so a chatty tool cannot fill a pipe and stall until the timeout.
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                // A tool blocked on a hung device sleeps through SIGKILL until its I/O returns:
+                // reap it in the background instead of holding the caller.
+                std::thread::spawn(move || child.wait());
+                return Err(Error::Timeout {
+                    command: line,
+                    timeout,
+                });
+            }
+            Err(e) => {
+                let _ = child.kill();
+                std::thread::spawn(move || child.wait());
+                return Err(Error::io(format!("wait for {line}"), e));
+            }
+        }
+    };
+    debug!(command = %line, %status, "finished");
+    Ok(Output {
+        status,
+        stdout: collect(stdout),
+        stderr: collect(stderr),
+    })
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> Option<JoinHandle<Vec<u8>>> {
+    pipe.map(|mut p| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = p.read_to_end(&mut buf);
+            buf
+        })
+    })
+}
+
+fn collect(handle: Option<JoinHandle<Vec<u8>>>) -> Vec<u8> {
+    handle.and_then(|h| h.join().ok()).unwrap_or_default()
+}
+
+fn command_line(program: &str, args: &[&dyn AsRef<OsStr>]) -> String {
+    std::iter::once(program.to_string())
+        .chain(
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned()),
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn command_error(program: &str, args: &[&dyn AsRef<OsStr>], out: &Output) -> Error {
+    // Some tools report failures on stdout only.
+    let text = if out.stderr.iter().all(u8::is_ascii_whitespace) {
+        &out.stdout
+    } else {
+        &out.stderr
+    };
+    let mut stderr = String::from_utf8_lossy(text).trim().to_string();
+    if stderr.len() > 2048 {
+        let cut = (0..=2048)
+            .rev()
+            .find(|&i| stderr.is_char_boundary(i))
+            .unwrap_or(0);
+        stderr.truncate(cut);
+        stderr.push_str("...");
+    }
+    Error::Command {
+        command: command_line(program, args),
+        status: out.status.to_string(),
+        stderr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blkid_output() {
+        let fs = |t: &str, u: Option<&str>| Probe::Filesystem {
+            fs_type: t.into(),
+            uuid: u.map(Into::into),
+        };
+        let other = |d: &str| Probe::Other {
+            description: d.into(),
+        };
+        let cases: &[(&str, &str, Probe)] = &[
+            (
+                "ext4",
+                "DEVNAME=/dev/loop0\nUUID=aace8e98\nVERSION=1.0\nBLOCK_SIZE=1024\nTYPE=ext4\nUSAGE=filesystem\n",
+                fs("ext4", Some("aace8e98")),
+            ),
+            ("xfs without uuid", "TYPE=xfs\nUSAGE=filesystem\n", fs("xfs", None)),
+            (
+                "escaped value",
+                "LABEL=my\\ data\nTYPE=ext4\nUSAGE=filesystem\nUUID=x\\$y\n",
+                fs("ext4", Some("x$y")),
+            ),
+            ("swap", "UUID=fa18\nVERSION=1\nTYPE=swap\nUSAGE=other\n", other("a signature of type swap (usage other)")),
+            (
+                "raid member",
+                "TYPE=linux_raid_member\nUSAGE=raid\n",
+                other("a signature of type linux_raid_member (usage raid)"),
+            ),
+            ("luks", "TYPE=crypto_LUKS\nUSAGE=crypto\n", other("a signature of type crypto_LUKS (usage crypto)")),
+            ("type without usage", "TYPE=ext4\n", other("a signature of type ext4 (usage unknown)")),
+            ("partition table", "PTUUID=1234\nPTTYPE=gpt\n", other("a partition table (gpt)")),
+            (
+                "partition table beside a filesystem",
+                "PTTYPE=dos\nTYPE=vfat\nUSAGE=filesystem\n",
+                other("a partition table (dos) and a signature of type vfat"),
+            ),
+            ("nothing recognisable", "DEVNAME=/dev/loop0\n", other("an unidentified signature")),
+            ("empty output", "", other("an unidentified signature")),
+        ];
+        for (name, input, want) in cases {
+            assert_eq!(&parse_blkid(input), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn runs_tools_and_reports_failures() {
+        let out = run("sh", &[&"-c", &"printf hello"], Duration::from_secs(10)).unwrap();
+        assert_eq!(out.stdout, b"hello");
+
+        match run(
+            "sh",
+            &[&"-c", &"echo boom >&2; exit 3"],
+            Duration::from_secs(10),
+        ) {
+            Err(Error::Command {
+                command,
+                status,
+                stderr,
+            }) => {
+                assert_eq!(command, "sh -c echo boom >&2; exit 3");
+                assert!(status.contains('3'), "{status}");
+                assert_eq!(stderr, "boom");
+            }
+            other => panic!("want a command error, got {other:?}"),
+        }
+
+        let started = Instant::now();
+        match run("sleep", &[&"30"], Duration::from_millis(200)) {
+            Err(Error::Timeout { command, .. }) => assert_eq!(command, "sleep 30"),
+            other => panic!("want a timeout, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+
+        match run("blockcsi-no-such-tool", &[], Duration::from_secs(1)) {
+            Err(Error::MissingTool(t)) => assert_eq!(t, "blockcsi-no-such-tool"),
+            other => panic!("want a missing tool, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn large_output_does_not_stall() {
+        let out = run(
+            "sh",
+            &[&"-c", &"head -c 1000000 /dev/zero"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(out.stdout.len(), 1_000_000);
+    }
+
+    #[test]
+    fn probe_refuses_what_is_not_a_readable_block_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"").unwrap();
+        for path in [file, dir.path().join("missing")] {
+            assert!(LinuxHost.probe(&path).is_err(), "{}", path.display());
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn blkgetsize64_number() {
+        assert_eq!(
+            nix::request_code_read!(0x12, 114, std::mem::size_of::<usize>()),
+            0x8008_1272
+        );
+    }
+}

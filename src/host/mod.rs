@@ -1,0 +1,175 @@
+//! The node's view of the kernel: loop devices, mounts, filesystem probing and creation, statfs.
+//! Everything the node service does to the machine goes through the [`Host`] trait, so the node
+//! logic can be tested against [`fake::FakeHost`] without root; [`linux::LinuxHost`] is the real one.
+
+pub mod fake;
+pub mod linux;
+pub mod loopdev;
+pub mod mountinfo;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use mountinfo::MountEntry;
+
+/// A device number split the way the kernel prints it in mountinfo and sysfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct DevId {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl std::fmt::Display for DevId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+/// An attached loop device and the image behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDevice {
+    /// `/dev/loopN`.
+    pub path: PathBuf,
+    pub dev: DevId,
+    /// The backing file as sysfs reports it, with a trailing " (deleted)" removed.
+    pub backing_file: PathBuf,
+    /// True when sysfs says the backing file was unlinked while attached.
+    pub backing_deleted: bool,
+}
+
+/// How to attach an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachOptions {
+    pub read_only: bool,
+    /// Ask for direct I/O (bypassing the page cache of the pool filesystem); silently
+    /// dropped when the pool filesystem refuses it.
+    pub direct_io: bool,
+}
+
+/// What a low-level probe of a device found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// No signature of any kind: the only state in which formatting is considered.
+    Blank,
+    /// A filesystem signature (`TYPE=` of blkid) with its UUID when known.
+    Filesystem {
+        fs_type: String,
+        uuid: Option<String>,
+    },
+    /// Some other signature (partition table, RAID member, swap...): never formatted, never mounted.
+    Other { description: String },
+}
+
+/// Filesystems the node creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FsType> {
+        match s {
+            "ext4" => Some(FsType::Ext4),
+            "xfs" => Some(FsType::Xfs),
+            _ => None,
+        }
+    }
+}
+
+/// A mount request after the option allowlist: kernel flags plus the filesystem-specific data string.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    pub read_only: bool,
+    /// `MS_*` bits other than `MS_RDONLY`.
+    pub flags: u64,
+    /// Comma-separated filesystem options (`data` of mount(2)).
+    pub data: String,
+}
+
+/// Space and inode figures of a mounted filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsStats {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+    pub used_inodes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{command} did not finish within {timeout:?}")]
+    Timeout { command: String, timeout: Duration },
+    #[error("{0} is not installed")]
+    MissingTool(String),
+    #[error("{0}")]
+    Busy(String),
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The kernel work of the node service. Implementations must be safe to call from many threads:
+/// the node service serialises work per volume, not globally.
+pub trait Host: Send + Sync {
+    /// Every attached loop device, from sysfs.
+    fn loop_devices(&self) -> Result<Vec<LoopDevice>>;
+    /// Attaches `image` to a free loop device.
+    fn attach_loop(&self, image: &Path, opts: AttachOptions) -> Result<LoopDevice>;
+    /// Detaches a loop device. Detaching one that is already gone is not an error.
+    fn detach_loop(&self, dev: &LoopDevice) -> Result<()>;
+    /// Makes the loop device pick up a new size of its backing file.
+    fn refresh_loop_capacity(&self, dev: &LoopDevice) -> Result<()>;
+    /// Low-level probe of a block device for any signature. An `Err` means "unknown", never blank.
+    fn probe(&self, device: &Path) -> Result<Probe>;
+    /// Creates a filesystem. Only called after `probe` returned `Blank`.
+    fn mkfs(&self, device: &Path, fs: FsType) -> Result<()>;
+    /// Mounts a block device holding a filesystem.
+    fn mount(&self, device: &Path, target: &Path, fs: &str, opts: &MountOptions) -> Result<()>;
+    /// Bind-mounts `source` (a directory or a device node) onto `target`, read-only if asked.
+    fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> Result<()>;
+    /// Unmounts the top mount at `target`.
+    fn unmount(&self, target: &Path) -> Result<()>;
+    /// The mount table of this process (`/proc/self/mountinfo`).
+    fn mounts(&self) -> Result<Vec<MountEntry>>;
+    /// The device number a device node refers to (`st_rdev`), `None` when `path` is not a device node.
+    fn device_number(&self, path: &Path) -> Result<Option<DevId>>;
+    /// Size in bytes of a block device.
+    fn device_size(&self, device: &Path) -> Result<u64>;
+    /// statfs of a mounted filesystem.
+    fn fs_stats(&self, path: &Path) -> Result<FsStats>;
+    /// Grows a mounted filesystem to the size of its device.
+    fn grow_fs(&self, device: &Path, mount_point: &Path, fs: FsType) -> Result<()>;
+    /// Whether the loop driver and the tools the node needs are present; the message names what is missing.
+    fn check_ready(&self) -> std::result::Result<(), String>;
+}

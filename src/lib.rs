@@ -1,0 +1,21 @@
+//! blockcsi: a CSI v1.12 block-storage driver. See ARCHITECTURE.md for the map of modules.
+
+pub mod backend;
+pub mod config;
+pub mod controller;
+pub mod csi;
+pub mod error;
+pub mod guard;
+pub mod host;
+pub mod node;
+pub mod server;
+pub mod validate;
+
+/// The generated CSI v1 messages and services.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("csi.v1");
+}
+
+/// The topology key every node and volume carries; its value is the pool id.
+pub const TOPOLOGY_KEY: &str = "topology.blockcsi.dev/pool";

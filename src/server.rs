@@ -1,0 +1,138 @@
+//! The process: builds the services a mode asks for, owns the Unix socket (stale-socket removal,
+//! permissions, removal at exit) and shuts down gracefully on SIGTERM or SIGINT, letting in-flight
+//! RPCs finish.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::info;
+
+use crate::backend::filepool::FilePool;
+use crate::backend::BlockStorage;
+use crate::config::Config;
+use crate::controller::Controller;
+use crate::csi::{controller::ControllerService, identity::IdentityService, node::NodeAdapter};
+use crate::host::linux::LinuxHost;
+use crate::node::NodeService;
+use crate::pb;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("socket {path}: {message}")]
+    Socket { path: String, message: String },
+    #[error("pool {path}: {source}")]
+    Pool {
+        path: String,
+        source: crate::backend::Error,
+    },
+    #[error("node start-up: {0}")]
+    Node(crate::error::Error),
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Prepares the socket path: creates the parent, removes a stale socket, refuses anything else
+/// (a file, a directory, or a socket some process still serves).
+async fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+    let err = |message: String| ServeError::Socket {
+        path: path.display().to_string(),
+        message,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| err(format!("create parent: {e}")))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(err("another process is serving this socket".into()));
+            }
+            std::fs::remove_file(path).map_err(|e| err(format!("remove stale socket: {e}")))?;
+            info!(path = %path.display(), "removed stale socket");
+        }
+        Ok(_) => {
+            return Err(err(
+                "exists and is not a socket; refusing to remove it".into()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err(format!("bind: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| err(format!("chmod: {e}")))?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = name, "shutting down: finishing in-flight calls");
+}
+
+pub async fn serve(cfg: Config) -> Result<(), ServeError> {
+    let pool = FilePool::open(&cfg.pool).map_err(|source| ServeError::Pool {
+        path: cfg.pool.display().to_string(),
+        source,
+    })?;
+    let pool_id = pool.pool_id().to_string();
+    let backend: Arc<dyn BlockStorage> = Arc::new(pool);
+
+    let controller = cfg
+        .mode
+        .controller()
+        .then(|| Arc::new(Controller::new(backend.clone())));
+    let node = if cfg.mode.node() {
+        let svc = Arc::new(NodeService::new(
+            backend.clone(),
+            Arc::new(LinuxHost::new()),
+            cfg.node_id.clone(),
+            cfg.max_volumes_per_node,
+        ));
+        let starting = svc.clone();
+        tokio::task::spawn_blocking(move || starting.start())
+            .await
+            .map_err(|e| ServeError::Node(crate::error::Error::Internal(e.to_string())))?
+            .map_err(ServeError::Node)?;
+        Some(svc)
+    } else {
+        None
+    };
+
+    let identity = IdentityService {
+        driver_name: cfg.driver_name.clone(),
+        controller: controller.clone(),
+        node: node.clone(),
+    };
+    let listener = bind(&cfg.socket).await?;
+    info!(
+        mode = ?cfg.mode,
+        socket = %cfg.socket.display(),
+        pool = %cfg.pool.display(),
+        pool_id,
+        node_id = cfg.node_id,
+        driver = cfg.driver_name,
+        version = env!("CARGO_PKG_VERSION"),
+        "serving"
+    );
+    let result = tonic::transport::Server::builder()
+        .add_service(pb::identity_server::IdentityServer::new(identity))
+        .add_optional_service(controller.map(|c| {
+            pb::controller_server::ControllerServer::new(ControllerService { controller: c })
+        }))
+        .add_optional_service(
+            node.map(|n| pb::node_server::NodeServer::new(NodeAdapter { node: n })),
+        )
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+    let _ = std::fs::remove_file(&cfg.socket);
+    info!("stopped");
+    Ok(result?)
+}
