@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<()> {
             let cfg = args.resolve()?;
             tracing_subscriber::fmt()
                 .with_env_filter(EnvFilter::try_new(&cfg.log_level)?)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .init();
             let rt = tokio::runtime::Builder::new_multi_thread()

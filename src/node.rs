@@ -257,10 +257,12 @@ impl NodeService {
                     volume.id
                 )))
             }
-            Ok(Probe::Other { description }) => return Err(Error::FailedPrecondition(format!(
+            Ok(Probe::Other { description }) => {
+                return Err(Error::FailedPrecondition(format!(
                 "volume {} holds {description}, not a filesystem; refusing to format or mount it",
                 volume.id
-            ))),
+            )))
+            }
             Ok(Probe::Filesystem { fs_type, .. }) => {
                 let Some(found) = FsType::parse(&fs_type) else {
                     return Err(Error::FailedPrecondition(format!(

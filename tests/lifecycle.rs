@@ -386,8 +386,18 @@ async fn socket_lifecycle_and_split_processes() {
         .into_inner();
     assert_eq!(
         caps.capabilities.len(),
-        1,
-        "node mode must not offer the controller service"
+        2,
+        "the plugin's capabilities, whatever the mode"
+    );
+    let no_controller = nc
+        .controller
+        .controller_get_capabilities(blockcsi::pb::ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        no_controller.code(),
+        Code::Unimplemented,
+        "node mode serves no Controller RPCs"
     );
     let info = nc
         .node

@@ -58,10 +58,13 @@ impl pb::identity_server::Identity for IdentityService {
         &self,
         _req: Request<pb::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<pb::GetPluginCapabilitiesResponse>, Status> {
-        let mut capabilities = vec![service(ServiceType::VolumeAccessibilityConstraints)];
-        if self.controller.is_some() {
-            capabilities.push(service(ServiceType::ControllerService));
-        }
+        // Capabilities describe the plugin, not this process: a node-mode process belongs to a
+        // plugin whose controller runs elsewhere, and csi-sanity in split mode reads the node
+        // socket's answer to decide whether volumes must be ControllerPublished first.
+        let capabilities = vec![
+            service(ServiceType::ControllerService),
+            service(ServiceType::VolumeAccessibilityConstraints),
+        ];
         super::quick(
             "GetPluginCapabilities",
             Ok(pb::GetPluginCapabilitiesResponse { capabilities }),
