@@ -17,7 +17,9 @@
 # socket(s), the mount-dir parent and the staging dir):
 #   mount  one `serve --mode all` process, -csi.testvolumeaccesstype=mount
 #   block  one `serve --mode all` process, -csi.testvolumeaccesstype=block
-#   split  `--mode controller` + `--mode node` (separate sockets, one pool), mount
+#   split  `--mode controller` + `--mode node` (separate sockets, one pool), mount,
+#          with --default-fs-type xfs and 512 MiB volumes (XFS's minimum is 300 MiB)
+# Every suite passes csi-sanity/mutable-parameters.yaml (ControllerModifyVolume tests).
 #
 # After each suite the driver(s) get SIGTERM (they must exit 0 and remove their
 # socket), then the suite's temp dir is checked for leaks: loop devices backed by
@@ -37,6 +39,8 @@
 #   MAX_VOLUMES_PER_NODE  --max-volumes-per-node (default: 16)
 #   TEST_VOLUME_SIZE      -csi.testvolumesize (default: 67108864, 64 MiB)
 #   TEST_VOLUME_EXPAND_SIZE  -csi.testvolumeexpandsize (default: 134217728)
+#   TEST_XFS_VOLUME_SIZE, TEST_XFS_VOLUME_EXPAND_SIZE  the same for the split (XFS) suite
+#                         (defaults: 536870912, 805306368)
 #   SANITY_TIMEOUT        -ginkgo.timeout (default: 20m)
 #   SOCKET_WAIT_SECONDS   how long to wait for a driver socket (default: 30)
 #   STOP_WAIT_SECONDS     how long to wait after SIGTERM (default: 20)
@@ -55,6 +59,8 @@ extra_args=()
 node_id="${NODE_ID:-blockcsi-sanity-node}"
 max_volumes="${MAX_VOLUMES_PER_NODE:-16}"
 volume_size="${TEST_VOLUME_SIZE:-67108864}"
+xfs_volume_size="${TEST_XFS_VOLUME_SIZE:-536870912}"
+xfs_expand_size="${TEST_XFS_VOLUME_EXPAND_SIZE:-805306368}"
 expand_size="${TEST_VOLUME_EXPAND_SIZE:-134217728}"
 sanity_timeout="${SANITY_TIMEOUT:-20m}"
 socket_wait="${SOCKET_WAIT_SECONDS:-30}"
@@ -253,15 +259,16 @@ reap() {
 # background; its pid is appended to driver_pids and stored in $last_pid.
 last_pid=""
 start_driver() {
-    local mode="$1" sock="$2" pool="$3" logfile="$4"
-    printf '+ %s serve --mode %s --endpoint unix://%s --node-id %s --pool %s --max-volumes-per-node %s\n' \
-        "$binary" "$mode" "$sock" "$node_id" "$pool" "$max_volumes" >>"$logfile"
+    local mode="$1" sock="$2" pool="$3" logfile="$4" fs="$5"
+    printf '+ %s serve --mode %s --endpoint unix://%s --node-id %s --pool %s --max-volumes-per-node %s --default-fs-type %s\n' \
+        "$binary" "$mode" "$sock" "$node_id" "$pool" "$max_volumes" "$fs" >>"$logfile"
     "$binary" serve \
         --mode "$mode" \
         --endpoint "unix://${sock}" \
         --node-id "$node_id" \
         --pool "$pool" \
         --max-volumes-per-node "$max_volumes" \
+        --default-fs-type "$fs" \
         </dev/null >>"$logfile" 2>&1 &
     last_pid=$!
     driver_pids+=("$last_pid")
@@ -343,11 +350,14 @@ any_failure=0
 
 # run_suite NAME: runs the suite, prints its summary line, adds to the totals.
 run_suite() {
-    local name="$1" access="mount" split=0
+    local name="$1" access="mount" split=0 fs="ext4"
+    local size="$volume_size" grow="$expand_size"
     case "$name" in
         mount) ;;
         block) access="block" ;;
-        split) split=1 ;;
+        # The split run formats with XFS, so the suite covers both filesystems; XFS needs
+        # at least 300 MiB (images are sparse, so this costs no disk).
+        split) split=1 fs="xfs" size="$xfs_volume_size" grow="$xfs_expand_size" ;;
         *) die "unknown suite $name" ;;
     esac
 
@@ -381,17 +391,17 @@ run_suite() {
     # Start the driver(s). The controller (or `all`) process goes first: it
     # creates the pool, which the node process then registers itself in.
     if ((split)); then
-        start_driver controller "$ctrl_sock" "$pool" "$ctrl_log"
+        start_driver controller "$ctrl_sock" "$pool" "$ctrl_log" "$fs"
         ctrl_pid="$last_pid"
         if wait_socket "$ctrl_pid" "$ctrl_sock" "$ctrl_log"; then
-            start_driver node "$node_sock" "$pool" "$node_log"
+            start_driver node "$node_sock" "$pool" "$node_log" "$fs"
             node_pid="$last_pid"
             wait_socket "$node_pid" "$node_sock" "$node_log" || started=0
         else
             started=0
         fi
     else
-        start_driver all "$ctrl_sock" "$pool" "$ctrl_log"
+        start_driver all "$ctrl_sock" "$pool" "$ctrl_log" "$fs"
         ctrl_pid="$last_pid"
         wait_socket "$ctrl_pid" "$ctrl_sock" "$ctrl_log" || started=0
     fi
@@ -405,8 +415,9 @@ run_suite() {
             "-csi.mountdir=${tmp}/mnt"
             "-csi.stagingdir=${tmp}/staging"
             "-csi.testvolumeaccesstype=${access}"
-            "-csi.testvolumesize=${volume_size}"
-            "-csi.testvolumeexpandsize=${expand_size}"
+            "-csi.testvolumesize=${size}"
+            "-csi.testvolumeexpandsize=${grow}"
+            "-csi.testvolumemutableparameters=${script_dir}/mutable-parameters.yaml"
             "-csi.testnodevolumeattachlimit"
             "-ginkgo.junit-report=${junit}"
             "-ginkgo.timeout=${sanity_timeout}"

@@ -5,6 +5,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::host::FsType;
+
+fn parse_fs_type(s: &str) -> Result<FsType, String> {
+    FsType::parse(s).ok_or_else(|| format!("{s:?} is not ext4 or xfs"))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -51,6 +57,9 @@ pub struct ServeArgs {
     /// Most volumes published to this node at once; 0 = no limit [default: 0]
     #[arg(long, env = "BLOCKCSI_MAX_VOLUMES_PER_NODE")]
     pub max_volumes_per_node: Option<u64>,
+    /// Filesystem for volumes whose capability names none: ext4 or xfs [default: ext4]
+    #[arg(long, env = "BLOCKCSI_DEFAULT_FS_TYPE", value_parser = parse_fs_type)]
+    pub default_fs_type: Option<FsType>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive [default: info]
     #[arg(long, env = "BLOCKCSI_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -66,6 +75,7 @@ struct FileConfig {
     pool: Option<PathBuf>,
     driver_name: Option<String>,
     max_volumes_per_node: Option<u64>,
+    default_fs_type: Option<FsType>,
     log_level: Option<String>,
 }
 
@@ -77,6 +87,7 @@ pub struct Config {
     pub pool: PathBuf,
     pub driver_name: String,
     pub max_volumes_per_node: u64,
+    pub default_fs_type: FsType,
     pub log_level: String,
 }
 
@@ -129,6 +140,10 @@ impl ServeArgs {
                 .max_volumes_per_node
                 .or(file.max_volumes_per_node)
                 .unwrap_or(0),
+            default_fs_type: self
+                .default_fs_type
+                .or(file.default_fs_type)
+                .unwrap_or(FsType::Ext4),
             log_level: self
                 .log_level
                 .or(file.log_level)

@@ -4,7 +4,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::backend::{Attachment, BlockStorage, Capability, Capacity, Health, NewVolume, Volume};
+use crate::backend::filepool::{is_snapshot_id, is_volume_id, round_size};
+use crate::backend::{
+    Attachment, BlockStorage, Capability, Capacity, GroupSnapshot, Health, NewVolume, Provisioning,
+    Snapshot, Volume, VolumeSource,
+};
 use crate::error::{Error, Result};
 use crate::guard::OpGuards;
 use crate::TOPOLOGY_KEY;
@@ -57,6 +61,11 @@ impl Controller {
 
     pub fn create_volume(&self, mut req: CreateRequest) -> Result<Volume> {
         let _guard = self.guards.acquire(&format!("name {}", req.volume.name))?;
+        // A clone reads its source: no expansion or deletion of it may run meanwhile.
+        let _source_guard = match &req.volume.source {
+            Some(VolumeSource::Volume(v)) => Some(self.guards.acquire(v)?),
+            _ => None,
+        };
         if !req.requisite.is_empty() && !req.requisite.iter().any(|s| self.reachable(s)) {
             return Err(Error::ResourceExhausted(format!(
                 "no requisite topology is reachable from pool {}",
@@ -128,42 +137,148 @@ impl Controller {
     /// A page of volumes after `start` (an opaque token that is the last id of the previous
     /// page), so that volumes created or deleted between pages are neither skipped nor repeated.
     pub fn list_volumes(&self, max_entries: usize, start: &str) -> Result<Page> {
-        let after = if start.is_empty() {
-            None
-        } else {
-            Some(decode_token(start).ok_or_else(|| {
-                Error::Aborted(format!(
-                    "starting_token {start:?} is not a token this driver issued"
-                ))
-            })?)
-        };
-        let all = self.backend.volumes()?;
-        let rest = all
+        let after = decode_after(start, is_volume_id)?;
+        let rest = self
+            .backend
+            .volumes()?
             .into_iter()
             .filter(|v| after.as_ref().is_none_or(|a| v.id.as_str() > a.as_str()));
-        let limit = if max_entries == 0 {
-            usize::MAX
-        } else {
-            max_entries
-        };
-        let mut entries = Vec::new();
-        let mut more = false;
-        for v in rest {
-            if entries.len() == limit {
-                more = true;
-                break;
-            }
-            let h = self.backend.health(&v);
-            entries.push((v, h));
-        }
-        let next_token = match (more, entries.last()) {
-            (true, Some((last, _))) => encode_token(&last.id),
-            _ => String::new(),
-        };
+        let (volumes, next_token) = page(rest, max_entries, |v| &v.id);
+        let entries = volumes
+            .into_iter()
+            .map(|v| {
+                let h = self.backend.health(&v);
+                (v, h)
+            })
+            .collect();
         Ok(Page {
             entries,
             next_token,
         })
+    }
+
+    /// Grows a volume to the requested size, exactly (whole MiB). Returns the volume and whether
+    /// a node must act (refresh the loop device, grow the filesystem).
+    pub fn expand(&self, id: &str, required: u64, limit: u64) -> Result<(Volume, bool)> {
+        let _guard = self.guards.acquire(id)?;
+        let current = self.backend.volume(id)?;
+        let wanted = round_size(required, limit, 0)?;
+        if limit != 0 && current.capacity_bytes > limit {
+            return Err(Error::OutOfRange(format!(
+                "volume {id} already has {} bytes, above the limit of {limit}; volumes never shrink",
+                current.capacity_bytes
+            )));
+        }
+        let volume = self.backend.expand_volume(id, wanted)?;
+        // A block volume nobody has attached picks its new size up at the next attach; every
+        // other case needs the node (loop capacity, filesystem growth).
+        let node_needed = !(volume.attachments.is_empty()
+            && volume.capabilities.iter().all(Capability::is_block));
+        Ok((volume, node_needed))
+    }
+
+    /// Applies mutable parameters (already validated); unknown volumes are NOT_FOUND.
+    pub fn modify(&self, id: &str, provisioning: Option<Provisioning>) -> Result<Volume> {
+        let _guard = self.guards.acquire(id)?;
+        let volume = self.backend.volume(id)?;
+        match provisioning {
+            Some(p) => Ok(self.backend.set_provisioning(id, p)?),
+            None => Ok(volume),
+        }
+    }
+
+    pub fn create_snapshot(&self, name: &str, source_volume_id: &str) -> Result<Snapshot> {
+        let _guard = self.guards.acquire(&format!("snapshot name {name}"))?;
+        let _source = self.guards.acquire(source_volume_id)?;
+        Ok(self.backend.create_snapshot(name, source_volume_id)?)
+    }
+
+    /// Deletes a snapshot; an unknown or malformed id is already deleted.
+    pub fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let _guard = self.guards.acquire(id)?;
+        match self.backend.delete_snapshot(id) {
+            Ok(()) | Err(crate::backend::Error::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn snapshot(&self, id: &str) -> Result<Snapshot> {
+        Ok(self.backend.snapshot(id)?)
+    }
+
+    /// A page of snapshots, optionally only one id or one source volume; unknown filters give
+    /// an empty page.
+    pub fn list_snapshots(
+        &self,
+        max_entries: usize,
+        start: &str,
+        snapshot_id: &str,
+        source_volume_id: &str,
+    ) -> Result<(Vec<Snapshot>, String)> {
+        let after = decode_after(start, is_snapshot_id)?;
+        let all = if !snapshot_id.is_empty() {
+            self.backend
+                .snapshot(snapshot_id)
+                .ok()
+                .into_iter()
+                .collect()
+        } else {
+            self.backend.snapshots()?
+        };
+        let matching = all.into_iter().filter(|s| {
+            (source_volume_id.is_empty() || s.source_volume_id == source_volume_id)
+                && after.as_ref().is_none_or(|a| s.id.as_str() > a.as_str())
+        });
+        Ok(page(matching, max_entries, |s| &s.id))
+    }
+
+    pub fn create_group_snapshot(
+        &self,
+        name: &str,
+        volume_ids: &[String],
+    ) -> Result<GroupSnapshot> {
+        let _guard = self.guards.acquire(&format!("group name {name}"))?;
+        let mut sources = Vec::new();
+        for v in volume_ids {
+            sources.push(self.guards.acquire(v)?);
+        }
+        Ok(self.backend.create_group_snapshot(name, volume_ids)?)
+    }
+
+    /// The group and its member snapshots.
+    pub fn group_snapshot(&self, id: &str) -> Result<(GroupSnapshot, Vec<Snapshot>)> {
+        let group = self.backend.group_snapshot(id)?;
+        let members = group
+            .snapshot_ids
+            .iter()
+            .map(|s| self.backend.snapshot(s))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok((group, members))
+    }
+
+    /// Deletes a group snapshot with its members; an unknown id is already deleted.
+    pub fn delete_group_snapshot(&self, id: &str, snapshot_ids: &[String]) -> Result<()> {
+        let _guard = self.guards.acquire(id)?;
+        let group = match self.backend.group_snapshot(id) {
+            Ok(g) => g,
+            Err(crate::backend::Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if !snapshot_ids.is_empty() {
+            let mut given = snapshot_ids.to_vec();
+            let mut have = group.snapshot_ids.clone();
+            given.sort();
+            have.sort();
+            if given != have {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot_ids do not match the members of group snapshot {id}"
+                )));
+            }
+        }
+        match self.backend.delete_group_snapshot(id) {
+            Ok(()) | Err(crate::backend::Error::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Free capacity for the given topology (zero for a topology this pool is not in).
@@ -209,17 +324,42 @@ pub fn check_fits(volume: &Volume, cap: &Capability) -> Result<()> {
     Ok(())
 }
 
+/// Page tokens name the last id of the previous page: ids are ordered, so items created or
+/// deleted between calls are neither skipped nor repeated.
 const TOKEN_PREFIX: &str = "after:";
 
-fn encode_token(id: &str) -> String {
-    format!("{TOKEN_PREFIX}{id}")
-}
-
-fn decode_token(token: &str) -> Option<String> {
+fn decode_after(token: &str, valid: fn(&str) -> bool) -> Result<Option<String>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
     token
         .strip_prefix(TOKEN_PREFIX)
-        .filter(|id| crate::backend::filepool::is_volume_id(id))
-        .map(str::to_string)
+        .filter(|id| valid(id))
+        .map(|id| Some(id.to_string()))
+        .ok_or_else(|| {
+            Error::Aborted(format!(
+                "starting_token {token:?} is not a token this driver issued"
+            ))
+        })
+}
+
+/// Takes up to `max` items (0 = all) and the token for the rest.
+fn page<T>(items: impl Iterator<Item = T>, max: usize, id: fn(&T) -> &String) -> (Vec<T>, String) {
+    let limit = if max == 0 { usize::MAX } else { max };
+    let mut out = Vec::new();
+    let mut more = false;
+    for item in items {
+        if out.len() == limit {
+            more = true;
+            break;
+        }
+        out.push(item);
+    }
+    let token = match (more, out.last()) {
+        (true, Some(last)) => format!("{TOKEN_PREFIX}{}", id(last)),
+        _ => String::new(),
+    };
+    (out, token)
 }
 
 #[cfg(test)]
@@ -263,6 +403,8 @@ mod tests {
                 min_bytes: 0,
                 capabilities: vec![cap(false)],
                 parameters: Default::default(),
+                source: None,
+                provisioning: Default::default(),
             },
             requisite: vec![],
             preferred: vec![],
@@ -303,6 +445,8 @@ mod tests {
                 min_bytes: 0,
                 capabilities: vec![cap(false)],
                 parameters: Default::default(),
+                source: None,
+                provisioning: Default::default(),
             },
             requisite: vec![elsewhere.clone()],
             preferred: vec![],

@@ -20,6 +20,7 @@ pub struct NodeService {
     host: Arc<dyn Host>,
     node_id: String,
     max_volumes: u64,
+    default_fs: FsType,
     guards: OpGuards,
 }
 
@@ -49,12 +50,14 @@ impl NodeService {
         host: Arc<dyn Host>,
         node_id: String,
         max_volumes: u64,
+        default_fs: FsType,
     ) -> NodeService {
         NodeService {
             backend,
             host,
             node_id,
             max_volumes,
+            default_fs,
             guards: OpGuards::default(),
         }
     }
@@ -281,6 +284,32 @@ impl NodeService {
                 if volume.filesystem.is_none() {
                     self.backend.record_filesystem(&volume.id, found.as_str())?;
                 }
+                if volume.needs_new_uuid {
+                    // A restore or clone still has its origin's UUID; both must be mountable
+                    // side by side. Any failure leaves the volume untouched and unstaged.
+                    self.host
+                        .new_fs_uuid(&dev.path, found, &req.staging_path)
+                        .map_err(|e| {
+                            Error::FailedPrecondition(format!(
+                                "could not give the copied filesystem of volume {} its own UUID: {e}",
+                                volume.id
+                            ))
+                        })?;
+                    self.backend.record_new_uuid(&volume.id)?;
+                    info!(volume_id = %volume.id, "gave the copied filesystem a new UUID");
+                }
+                if volume.pending_node_expansion && found == FsType::Ext4 {
+                    // Growing before the mount needs no online-resize privilege; if it fails,
+                    // NodeExpandVolume grows it online later.
+                    match self.host.grow_unmounted_fs(&dev.path, found) {
+                        Ok(()) => {
+                            self.backend.record_node_expanded(&volume.id)?;
+                        }
+                        Err(e) => {
+                            warn!(volume_id = %volume.id, error = %e, "offline grow before mount")
+                        }
+                    }
+                }
                 found
             }
             Ok(Probe::Blank) => {
@@ -301,10 +330,14 @@ impl NodeService {
                     .capability
                     .fs_type()
                     .and_then(FsType::parse)
-                    .unwrap_or(FsType::Ext4);
+                    .unwrap_or(self.default_fs);
                 info!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "formatting blank volume");
                 self.host.mkfs(&dev.path, fs)?;
                 self.backend.record_filesystem(&volume.id, fs.as_str())?;
+                if volume.pending_node_expansion {
+                    // mkfs filled the whole (already grown) device.
+                    self.backend.record_node_expanded(&volume.id)?;
+                }
                 fs
             }
         };
@@ -465,6 +498,45 @@ impl NodeService {
         Ok(())
     }
 
+    /// Makes the node see a grown image: refreshes the loop device's size and grows the
+    /// filesystem mounted at `path` (block volumes: the device only). Returns the device size.
+    pub fn expand(&self, volume_id: &str, path: &str) -> Result<u64> {
+        let _guard = self.guards.acquire(volume_id)?;
+        let volume = self.backend.volume(volume_id)?;
+        let not_here =
+            || Error::NotFound(format!("volume {volume_id} is not available at {path:?}"));
+        let path = validate::path(path, "volume_path").map_err(|_| not_here())?;
+        if !path.exists() {
+            return Err(not_here());
+        }
+        let image = self.backend.image_path(&volume.id)?;
+        let dev = self.live_loop(&image)?.ok_or_else(|| {
+            Error::FailedPrecondition(format!("volume {volume_id} is not staged on this node"))
+        })?;
+        self.host.refresh_loop_capacity(&dev)?;
+        let size = self.host.device_size(&dev.path)?;
+        if self.host.device_number(&path)? == Some(dev.dev) {
+            self.backend.record_node_expanded(&volume.id)?;
+            return Ok(size);
+        }
+        let mounts = self.host.mounts()?;
+        let m = top_mount(&mounts, &path)
+            .filter(|m| m.dev == dev.dev)
+            .ok_or_else(not_here)?;
+        let fs = FsType::parse(&m.fs_type).ok_or_else(|| {
+            Error::FailedPrecondition(format!("cannot grow a {} filesystem", m.fs_type))
+        })?;
+        self.host.grow_fs(&dev.path, &path, fs).map_err(|e| {
+            Error::Internal(format!(
+                "growing the {} filesystem of volume {volume_id} failed (online ext4 growth needs                  CAP_SYS_RESOURCE): {e}",
+                fs.as_str()
+            ))
+        })?;
+        self.backend.record_node_expanded(&volume.id)?;
+        info!(volume_id, path = %path.display(), size, "expanded");
+        Ok(size)
+    }
+
     pub fn stats(&self, volume_id: &str, path: &str) -> Result<(Usage, Health)> {
         let volume = self.backend.volume(volume_id)?;
         let not_here =
@@ -616,7 +688,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = Arc::new(FilePool::open(&dir.path().join("pool")).unwrap());
         let host = Arc::new(FakeHost::new());
-        let node = NodeService::new(pool.clone(), host.clone(), "n1".into(), 0);
+        let node = NodeService::new(pool.clone(), host.clone(), "n1".into(), 0, FsType::Ext4);
         node.start().unwrap();
         std::fs::create_dir(dir.path().join("staging")).unwrap();
         std::fs::create_dir(dir.path().join("pods")).unwrap();
@@ -640,6 +712,8 @@ mod tests {
                     min_bytes: 0,
                     capabilities: vec![c.clone()],
                     parameters: Default::default(),
+                    source: None,
+                    provisioning: Default::default(),
                 })
                 .unwrap();
             self.pool

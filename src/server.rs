@@ -14,7 +14,10 @@ use crate::backend::filepool::FilePool;
 use crate::backend::BlockStorage;
 use crate::config::Config;
 use crate::controller::Controller;
-use crate::csi::{controller::ControllerService, identity::IdentityService, node::NodeAdapter};
+use crate::csi::{
+    controller::ControllerService, group::GroupService, identity::IdentityService,
+    node::NodeAdapter,
+};
 use crate::host::linux::LinuxHost;
 use crate::node::NodeService;
 use crate::pb;
@@ -95,6 +98,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             Arc::new(LinuxHost::new()),
             cfg.node_id.clone(),
             cfg.max_volumes_per_node,
+            cfg.default_fs_type,
         ));
         let starting = svc.clone();
         tokio::task::spawn_blocking(move || starting.start())
@@ -124,8 +128,11 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     );
     let result = tonic::transport::Server::builder()
         .add_service(pb::identity_server::IdentityServer::new(identity))
-        .add_optional_service(controller.map(|c| {
+        .add_optional_service(controller.clone().map(|c| {
             pb::controller_server::ControllerServer::new(ControllerService { controller: c })
+        }))
+        .add_optional_service(controller.map(|c| {
+            pb::group_controller_server::GroupControllerServer::new(GroupService { controller: c })
         }))
         .add_optional_service(
             node.map(|n| pb::node_server::NodeServer::new(NodeAdapter { node: n })),

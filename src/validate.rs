@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use crate::backend::{AccessMode, AccessType, Capability};
+use crate::backend::{AccessMode, AccessType, Capability, Provisioning};
 use crate::error::{Error, Result};
 use crate::host::MountOptions;
 use crate::pb;
@@ -146,16 +146,33 @@ pub fn capabilities(caps: &[pb::VolumeCapability]) -> Result<Vec<Capability>> {
     caps.iter().map(|c| capability(Some(c))).collect()
 }
 
-/// StorageClass parameters of CreateVolume. The driver defines none yet, so only the sidecars'
-/// own keys are accepted (and dropped); anything else is a typo the user must hear about.
+/// The one parameter the driver defines: how the image reserves pool space. It is accepted as a
+/// StorageClass parameter and as a mutable parameter (VolumeAttributesClass).
+pub const PROVISIONING_KEY: &str = "provisioning";
+
+fn provisioning(value: &str) -> Result<Provisioning> {
+    Provisioning::parse(value).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{PROVISIONING_KEY} must be thin or thick, got {value:?}"
+        ))
+    })
+}
+
+/// StorageClass parameters of CreateVolume: `provisioning`, plus the sidecars' own keys (accepted
+/// and dropped); anything else is a typo the user must hear about.
 pub fn create_parameters(
     params: &std::collections::HashMap<String, String>,
 ) -> Result<BTreeMap<String, String>> {
-    let mut unknown: Vec<&str> = params
-        .keys()
-        .filter(|k| !k.starts_with(SIDECAR_PARAMETER_PREFIX))
-        .map(String::as_str)
-        .collect();
+    let mut unknown: Vec<&str> = Vec::new();
+    let mut kept = BTreeMap::new();
+    for (k, v) in params {
+        if k == PROVISIONING_KEY {
+            provisioning(v)?;
+            kept.insert(k.clone(), v.clone());
+        } else if !k.starts_with(SIDECAR_PARAMETER_PREFIX) {
+            unknown.push(k);
+        }
+    }
     if !unknown.is_empty() {
         unknown.sort_unstable();
         return Err(Error::InvalidArgument(format!(
@@ -163,7 +180,24 @@ pub fn create_parameters(
             unknown.join(", ")
         )));
     }
-    Ok(BTreeMap::new())
+    Ok(kept)
+}
+
+/// Mutable parameters (CreateVolume, ControllerModifyVolume): only `provisioning`. Any unknown
+/// key fails the whole request, so nothing is half applied.
+pub fn mutable_parameters(
+    params: &std::collections::HashMap<String, String>,
+) -> Result<Option<Provisioning>> {
+    let mut out = None;
+    for (k, v) in params {
+        if k != PROVISIONING_KEY {
+            return Err(Error::InvalidArgument(format!(
+                "mutable parameter {k:?} is not supported; only {PROVISIONING_KEY} is"
+            )));
+        }
+        out = Some(provisioning(v)?);
+    }
+    Ok(out)
 }
 
 /// Mount flags that are plain kernel flags.
@@ -361,9 +395,27 @@ mod tests {
         let mut p = std::collections::HashMap::new();
         p.insert("csi.storage.k8s.io/pvc/name".to_string(), "x".to_string());
         assert!(create_parameters(&p).unwrap().is_empty());
+        p.insert("provisioning".to_string(), "thick".to_string());
+        assert_eq!(create_parameters(&p).unwrap().len(), 1);
+        p.insert("provisioning".to_string(), "fat".to_string());
+        assert!(create_parameters(&p).is_err());
+        p.remove("provisioning");
         p.insert("iops".to_string(), "5".to_string());
         let err = create_parameters(&p).unwrap_err().to_string();
         assert!(err.contains("iops"), "{err}");
+    }
+
+    #[test]
+    fn mutable_parameters_accept_only_provisioning() {
+        let mk =
+            |k: &str, v: &str| std::collections::HashMap::from([(k.to_string(), v.to_string())]);
+        assert_eq!(mutable_parameters(&Default::default()).unwrap(), None);
+        assert_eq!(
+            mutable_parameters(&mk("provisioning", "thick")).unwrap(),
+            Some(Provisioning::Thick)
+        );
+        assert!(mutable_parameters(&mk("provisioning", "x")).is_err());
+        assert!(mutable_parameters(&mk("XXX_FakeKey", "XXX_FakeValue")).is_err());
     }
 
     #[test]

@@ -386,7 +386,7 @@ async fn socket_lifecycle_and_split_processes() {
         .into_inner();
     assert_eq!(
         caps.capabilities.len(),
-        2,
+        5,
         "the plugin's capabilities, whatever the mode"
     );
     let no_controller = nc

@@ -9,11 +9,17 @@
 //! meta/volumes/<id>.json     volume records
 //! meta/names/<sha256>.json   CSI name -> volume id: the idempotency index of CreateVolume
 //! meta/nodes/<node>.json     node registrations
-//! locks/                     lock files (name-*, volume-*, node-*)
+//! snapshots/<id>.img         snapshot images (reflinks where the filesystem allows)
+//! meta/snapshots/<id>.json   snapshot records
+//! meta/snapnames/<sha256>.json  CSI snapshot name -> snapshot id
+//! meta/groups/<id>.json      group snapshot records
+//! meta/groupnames/<sha256>.json CSI group snapshot name -> group id
+//! locks/                     lock files (name-*, volume-*, node-*, snapname-*, snapshot-*, ...)
 //! ```
 //! Crash safety rests on the order of writes. Create: name index, then image, then record; a retry
 //! that finds an index without a record finishes the same volume instead of making another.
-//! Delete: index, then image, then record; a retry finishes it.
+//! Delete: index, then image, then record; a retry finishes it. Snapshots and groups follow the
+//! same order with their own indexes.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,11 +27,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::copy::{self, Mode as CopyMode};
 use super::fsutil::{
     create_atomic, hash_name, read_optional, remove_if_exists, sync_dir, write_atomic, FileLock,
 };
 use super::{
-    Attachment, BlockStorage, Capacity, Error, Health, NewVolume, Node, Result, Timestamp, Volume,
+    Attachment, BlockStorage, Capacity, Error, GroupSnapshot, Health, NewVolume, Node,
+    Provisioning, Result, Snapshot, Timestamp, Volume, VolumeSource,
 };
 
 /// Sizes are multiples of this, so that requested sizes in whole MiB (all Kubernetes quantities
@@ -37,6 +45,8 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 pub const MAX_SIZE: u64 = 16 << 40;
 
 const VOLUME_ID_PREFIX: &str = "vol-";
+const SNAPSHOT_ID_PREFIX: &str = "snap-";
+const GROUP_ID_PREFIX: &str = "group-";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct PoolRecord {
@@ -50,15 +60,55 @@ struct NameRecord {
     volume_id: String,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotNameRecord {
+    name: String,
+    snapshot_id: String,
+    source_volume_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct GroupNameRecord {
+    name: String,
+    group_id: String,
+}
+
+/// A snapshot and what a restore needs to know about the data in it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotRecord {
+    #[serde(flatten)]
+    snapshot: Snapshot,
+    #[serde(default)]
+    filesystem: Option<String>,
+    #[serde(default)]
+    used_as_block: bool,
+}
+
 /// True when `id` has the exact shape this pool gives volume ids; anything else is never
 /// turned into a path.
 pub fn is_volume_id(id: &str) -> bool {
-    id.strip_prefix(VOLUME_ID_PREFIX).is_some_and(|hex| {
+    has_id_shape(id, VOLUME_ID_PREFIX)
+}
+
+pub fn is_snapshot_id(id: &str) -> bool {
+    has_id_shape(id, SNAPSHOT_ID_PREFIX)
+}
+
+pub fn is_group_id(id: &str) -> bool {
+    has_id_shape(id, GROUP_ID_PREFIX)
+}
+
+fn has_id_shape(id: &str, prefix: &str) -> bool {
+    id.strip_prefix(prefix).is_some_and(|hex| {
         hex.len() == 32
             && hex
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
 }
 
 /// Node ids become file names: letters, digits, '.', '_', '-', starting and ending with a
@@ -122,6 +172,11 @@ impl FilePool {
             root.join("meta/volumes"),
             root.join("meta/names"),
             root.join("meta/nodes"),
+            root.join("snapshots"),
+            root.join("meta/snapshots"),
+            root.join("meta/snapnames"),
+            root.join("meta/groups"),
+            root.join("meta/groupnames"),
             root.join("locks"),
         ] {
             std::fs::create_dir_all(&dir)
@@ -195,9 +250,16 @@ impl FilePool {
         write_atomic(&self.record(&volume.id), &to_json(volume)?)
     }
 
-    /// Makes a sparse image of exactly `size` bytes, or reuses the one an interrupted attempt
-    /// of the same creation left. The image appears under its final name only when complete.
-    fn make_image(&self, id: &str, size: u64) -> Result<()> {
+    /// Makes the image of a new volume: `size` bytes, a copy of `from` when given, reserved in
+    /// full when thick. An image left complete by an interrupted attempt of the same creation is
+    /// reused; the image appears under its final name only when complete.
+    fn make_image(
+        &self,
+        id: &str,
+        size: u64,
+        from: Option<&Path>,
+        provisioning: Provisioning,
+    ) -> Result<()> {
         let path = self.image(id);
         if let Ok(meta) = std::fs::metadata(&path) {
             if meta.len() == size {
@@ -206,12 +268,19 @@ impl FilePool {
         }
         let tmp = super::fsutil::temp_path(&path);
         let res = (|| {
+            if let Some(src) = from {
+                copy::copy_file(src, &tmp, CopyMode::Auto)?;
+            }
             let f = OpenOptions::new()
                 .write(true)
-                .create_new(true)
+                .create(from.is_some())
+                .create_new(from.is_none())
                 .mode(0o600)
                 .open(&tmp)?;
             f.set_len(size)?;
+            if provisioning == Provisioning::Thick {
+                copy::reserve(&f, 0, size)?;
+            }
             f.sync_all()?;
             std::fs::rename(&tmp, &path)
         })();
@@ -220,6 +289,184 @@ impl FilePool {
             return Err(Error::io(format!("create image {}", path.display()), e));
         }
         sync_dir(&self.root.join("volumes"))
+    }
+
+    fn snapshot_image(&self, id: &str) -> PathBuf {
+        self.root.join("snapshots").join(format!("{id}.img"))
+    }
+
+    fn snapshot_record(&self, id: &str) -> PathBuf {
+        self.root.join("meta/snapshots").join(format!("{id}.json"))
+    }
+
+    fn snapshot_index(&self, name: &str) -> PathBuf {
+        self.root
+            .join("meta/snapnames")
+            .join(format!("{}.json", hash_name(name)))
+    }
+
+    fn group_record(&self, id: &str) -> PathBuf {
+        self.root.join("meta/groups").join(format!("{id}.json"))
+    }
+
+    fn group_index(&self, name: &str) -> PathBuf {
+        self.root
+            .join("meta/groupnames")
+            .join(format!("{}.json", hash_name(name)))
+    }
+
+    fn load_snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
+        if !is_snapshot_id(id) {
+            return Ok(None);
+        }
+        let path = self.snapshot_record(id);
+        match read_optional(&path)? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(from_json(&path, &bytes)?)),
+        }
+    }
+
+    /// The image and size a new volume copies from, checked before anything is written.
+    fn resolve_source(
+        &self,
+        source: &VolumeSource,
+    ) -> Result<(PathBuf, u64, Option<String>, bool)> {
+        match source {
+            VolumeSource::Snapshot(sid) => {
+                let rec = self
+                    .load_snapshot(sid)?
+                    .ok_or_else(|| Error::NotFound(format!("snapshot {sid:?}")))?;
+                Ok((
+                    self.snapshot_image(sid),
+                    rec.snapshot.size_bytes,
+                    rec.filesystem,
+                    rec.used_as_block,
+                ))
+            }
+            VolumeSource::Volume(vid) => {
+                let v = self.volume(vid)?;
+                Ok((
+                    self.image(vid),
+                    v.capacity_bytes,
+                    v.filesystem,
+                    v.used_as_block,
+                ))
+            }
+        }
+    }
+
+    /// Copies a volume's image into a new snapshot (index, image, record), under the snapshot
+    /// name's lock. `group` ties it to a group snapshot.
+    fn make_snapshot(
+        &self,
+        name: &str,
+        source_volume_id: &str,
+        group: Option<&str>,
+    ) -> Result<Snapshot> {
+        let index_path = self.snapshot_index(name);
+        let _name_lock = self.lock("snapname", &hash_name(name))?;
+        let id = match read_optional(&index_path)? {
+            Some(bytes) => {
+                let index: SnapshotNameRecord = from_json(&index_path, &bytes)?;
+                if index.source_volume_id != source_volume_id {
+                    return Err(Error::AlreadyExists(format!(
+                        "snapshot {name:?} exists for volume {}",
+                        index.source_volume_id
+                    )));
+                }
+                if let Some(rec) = self.load_snapshot(&index.snapshot_id)? {
+                    return Ok(rec.snapshot);
+                }
+                // An earlier attempt stopped between index and record: finish that snapshot.
+                index.snapshot_id
+            }
+            None => {
+                // Checked first, so an unknown source leaves nothing behind.
+                self.volume(source_volume_id)?;
+                let id = new_id(SNAPSHOT_ID_PREFIX);
+                let index = SnapshotNameRecord {
+                    name: name.to_string(),
+                    snapshot_id: id.clone(),
+                    source_volume_id: source_volume_id.to_string(),
+                };
+                write_atomic(&index_path, &to_json(&index)?)?;
+                id
+            }
+        };
+        let made = self.copy_into_snapshot(&id, name, source_volume_id, group);
+        if made.is_err() {
+            let _ = remove_if_exists(&self.snapshot_image(&id));
+            let _ = remove_if_exists(&self.snapshot_record(&id));
+            let _ = remove_if_exists(&index_path);
+        }
+        made
+    }
+
+    fn copy_into_snapshot(
+        &self,
+        id: &str,
+        name: &str,
+        source_volume_id: &str,
+        group: Option<&str>,
+    ) -> Result<Snapshot> {
+        let volume = self.volume(source_volume_id)?;
+        let image = self.snapshot_image(id);
+        let tmp = super::fsutil::temp_path(&image);
+        copy::copy_file(&self.image(source_volume_id), &tmp, CopyMode::Auto)
+            .map_err(|e| Error::io(format!("snapshot volume {source_volume_id}"), e))?;
+        let size_bytes = std::fs::metadata(&tmp)
+            .map_err(|e| Error::io(format!("stat {}", tmp.display()), e))?
+            .len();
+        if let Err(e) = std::fs::rename(&tmp, &image) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io(format!("rename {}", image.display()), e));
+        }
+        sync_dir(&self.root.join("snapshots"))?;
+        let rec = SnapshotRecord {
+            snapshot: Snapshot {
+                id: id.to_string(),
+                name: name.to_string(),
+                source_volume_id: source_volume_id.to_string(),
+                size_bytes,
+                created: Timestamp::now(),
+                group_id: group.map(str::to_string),
+            },
+            filesystem: volume.filesystem,
+            used_as_block: volume.used_as_block,
+        };
+        write_atomic(&self.snapshot_record(id), &to_json(&rec)?)?;
+        Ok(rec.snapshot)
+    }
+
+    /// Removes a snapshot: index, image, record. Group membership is the caller's concern.
+    fn remove_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
+        let id = &rec.snapshot.id;
+        {
+            let name_lock = self.lock("snapname", &hash_name(&rec.snapshot.name))?;
+            let index_path = self.snapshot_index(&rec.snapshot.name);
+            if let Some(bytes) = read_optional(&index_path)? {
+                let index: SnapshotNameRecord = from_json(&index_path, &bytes)?;
+                if index.snapshot_id == *id {
+                    remove_if_exists(&index_path)?;
+                }
+            }
+            name_lock.remove()?;
+        }
+        remove_if_exists(&self.snapshot_image(id))?;
+        sync_dir(&self.root.join("snapshots"))?;
+        remove_if_exists(&self.snapshot_record(id))?;
+        sync_dir(&self.root.join("meta/snapshots"))
+    }
+
+    fn load_group(&self, id: &str) -> Result<Option<GroupSnapshot>> {
+        if !is_group_id(id) {
+            return Ok(None);
+        }
+        let path = self.group_record(id);
+        match read_optional(&path)? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(from_json(&path, &bytes)?)),
+        }
     }
 
     fn statvfs(&self) -> Result<nix::sys::statvfs::Statvfs> {
@@ -267,6 +514,12 @@ fn compatible(existing: &Volume, req: &NewVolume) -> std::result::Result<(), Str
             existing.name
         ));
     }
+    if req.source != existing.source {
+        return Err(format!(
+            "volume {:?} exists with another content source",
+            existing.name
+        ));
+    }
     if req.parameters != existing.parameters {
         return Err(format!(
             "volume {:?} exists with other parameters",
@@ -304,6 +557,9 @@ impl BlockStorage for FilePool {
                 index.volume_id
             }
             None => {
+                if let Some(src) = &req.source {
+                    self.resolve_source(src)?;
+                }
                 let available = self.capacity()?.available_bytes;
                 if size > available {
                     return Err(Error::Exhausted(format!(
@@ -320,6 +576,18 @@ impl BlockStorage for FilePool {
             }
         };
 
+        let source = match &req.source {
+            Some(src) => Some(self.resolve_source(src)?),
+            None => None,
+        };
+        if let Some((_, source_size, _, _)) = &source {
+            if size < *source_size {
+                let _ = remove_if_exists(&index_path);
+                return Err(Error::OutOfRange(format!(
+                    "{size} bytes is smaller than the source's {source_size} bytes"
+                )));
+            }
+        }
         let volume = Volume {
             id: id.clone(),
             name: req.name.clone(),
@@ -328,11 +596,21 @@ impl BlockStorage for FilePool {
             parameters: req.parameters.clone(),
             created: Timestamp::now(),
             attachments: Default::default(),
-            filesystem: None,
-            used_as_block: false,
+            filesystem: source.as_ref().and_then(|s| s.2.clone()),
+            used_as_block: source.as_ref().is_some_and(|s| s.3),
+            source: req.source.clone(),
+            needs_new_uuid: source.as_ref().is_some_and(|s| s.2.is_some()),
+            provisioning: req.provisioning,
+            // A restore larger than its snapshot holds a filesystem smaller than the image.
+            pending_node_expansion: source.as_ref().is_some_and(|s| s.2.is_some() && size > s.1),
         };
         let made = self
-            .make_image(&id, size)
+            .make_image(
+                &id,
+                size,
+                source.as_ref().map(|s| s.0.as_path()),
+                req.provisioning,
+            )
             .and_then(|()| self.store(&volume));
         if let Err(e) = made {
             // Nothing was handed out yet: undo everything so no half volume stays behind.
@@ -529,6 +807,220 @@ impl BlockStorage for FilePool {
     fn image_path(&self, id: &str) -> Result<PathBuf> {
         Ok(self.image(self.checked_id(id)?))
     }
+
+    fn record_new_uuid(&self, id: &str) -> Result<Volume> {
+        self.update(id, |v| Ok(std::mem::replace(&mut v.needs_new_uuid, false)))
+    }
+
+    fn record_node_expanded(&self, id: &str) -> Result<Volume> {
+        self.update(id, |v| {
+            Ok(std::mem::replace(&mut v.pending_node_expansion, false))
+        })
+    }
+
+    fn expand_volume(&self, id: &str, bytes: u64) -> Result<Volume> {
+        if bytes > MAX_SIZE {
+            return Err(Error::OutOfRange(format!(
+                "{bytes} bytes exceeds the largest volume of {MAX_SIZE} bytes"
+            )));
+        }
+        let image = self.image(self.checked_id(id)?);
+        self.update(id, |v| {
+            if bytes <= v.capacity_bytes {
+                return Ok(false);
+            }
+            let grow = || -> std::io::Result<()> {
+                let f = OpenOptions::new().write(true).open(&image)?;
+                if v.provisioning == Provisioning::Thick {
+                    copy::reserve(&f, v.capacity_bytes, bytes)?;
+                }
+                f.set_len(bytes)?;
+                f.sync_all()
+            };
+            grow().map_err(|e| Error::io(format!("grow image of volume {id}"), e))?;
+            v.capacity_bytes = bytes;
+            v.pending_node_expansion = true;
+            Ok(true)
+        })
+    }
+
+    fn set_provisioning(&self, id: &str, provisioning: Provisioning) -> Result<Volume> {
+        let image = self.image(self.checked_id(id)?);
+        self.update(id, |v| {
+            if v.provisioning == provisioning {
+                return Ok(false);
+            }
+            if provisioning == Provisioning::Thick {
+                let reserve = || -> std::io::Result<()> {
+                    let f = OpenOptions::new().write(true).open(&image)?;
+                    copy::reserve(&f, 0, v.capacity_bytes)?;
+                    f.sync_all()
+                };
+                reserve().map_err(|e| Error::io(format!("reserve volume {id}"), e))?;
+            }
+            // Thin from thick keeps what is allocated; only future growth is sparse.
+            v.provisioning = provisioning;
+            Ok(true)
+        })
+    }
+
+    fn create_snapshot(&self, name: &str, source_volume_id: &str) -> Result<Snapshot> {
+        self.make_snapshot(name, source_volume_id, None)
+    }
+
+    fn delete_snapshot(&self, id: &str) -> Result<()> {
+        if !is_snapshot_id(id) {
+            return Err(Error::NotFound(format!("snapshot {id:?}")));
+        }
+        let lock = self.lock("snapshot", id)?;
+        let rec = self
+            .load_snapshot(id)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {id}")))?;
+        if let Some(group) = &rec.snapshot.group_id {
+            if self.load_group(group)?.is_some() {
+                return Err(Error::InUse(format!(
+                    "snapshot {id} belongs to group snapshot {group}; delete the group"
+                )));
+            }
+        }
+        self.remove_snapshot(&rec)?;
+        lock.remove()
+    }
+
+    fn snapshot(&self, id: &str) -> Result<Snapshot> {
+        self.load_snapshot(id)?
+            .map(|r| r.snapshot)
+            .ok_or_else(|| Error::NotFound(format!("snapshot {id:?}")))
+    }
+
+    fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let dir = self.root.join("meta/snapshots");
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if let Some(rec) = self.load_snapshot(id)? {
+                out.push(rec.snapshot);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    fn create_group_snapshot(&self, name: &str, volume_ids: &[String]) -> Result<GroupSnapshot> {
+        let mut wanted: Vec<String> = volume_ids.to_vec();
+        wanted.sort();
+        wanted.dedup();
+        let index_path = self.group_index(name);
+        let _name_lock = self.lock("groupname", &hash_name(name))?;
+        let mut resumed = None;
+        if let Some(bytes) = read_optional(&index_path)? {
+            let index: GroupNameRecord = from_json(&index_path, &bytes)?;
+            if let Some(group) = self.load_group(&index.group_id)? {
+                let mut have: Vec<String> = group
+                    .snapshot_ids
+                    .iter()
+                    .filter_map(|s| self.snapshot(s).ok())
+                    .map(|s| s.source_volume_id)
+                    .collect();
+                have.sort();
+                if have != wanted {
+                    return Err(Error::AlreadyExists(format!(
+                        "group snapshot {name:?} exists for other volumes"
+                    )));
+                }
+                return Ok(group);
+            }
+            // An interrupted attempt: finish it under the same id; members already made are
+            // found by their names and reused.
+            resumed = Some(index.group_id);
+        }
+        for v in &wanted {
+            self.volume(v)?;
+        }
+        let id = match resumed {
+            Some(id) => id,
+            None => {
+                let id = new_id(GROUP_ID_PREFIX);
+                write_atomic(
+                    &index_path,
+                    &to_json(&GroupNameRecord {
+                        name: name.to_string(),
+                        group_id: id.clone(),
+                    })?,
+                )?;
+                id
+            }
+        };
+        let mut made: Vec<Snapshot> = Vec::new();
+        let mut failure = None;
+        for v in &wanted {
+            match self.make_snapshot(&format!("{name}/{v}"), v, Some(&id)) {
+                Ok(s) => made.push(s),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let group = GroupSnapshot {
+            id: id.clone(),
+            name: name.to_string(),
+            snapshot_ids: made.iter().map(|s| s.id.clone()).collect(),
+            created: made
+                .first()
+                .map(|s| s.created)
+                .unwrap_or_else(Timestamp::now),
+        };
+        let stored = match failure {
+            Some(e) => Err(e),
+            None => write_atomic(&self.group_record(&id), &to_json(&group)?),
+        };
+        if let Err(e) = stored {
+            // All or nothing: undo every member made so far.
+            for s in &made {
+                if let Ok(Some(rec)) = self.load_snapshot(&s.id) {
+                    let _ = self.remove_snapshot(&rec);
+                }
+            }
+            let _ = remove_if_exists(&index_path);
+            return Err(e);
+        }
+        Ok(group)
+    }
+
+    fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot> {
+        self.load_group(id)?
+            .ok_or_else(|| Error::NotFound(format!("group snapshot {id:?}")))
+    }
+
+    fn delete_group_snapshot(&self, id: &str) -> Result<()> {
+        if !is_group_id(id) {
+            return Err(Error::NotFound(format!("group snapshot {id:?}")));
+        }
+        let lock = self.lock("group", id)?;
+        let group = self
+            .load_group(id)?
+            .ok_or_else(|| Error::NotFound(format!("group snapshot {id}")))?;
+        {
+            let name_lock = self.lock("groupname", &hash_name(&group.name))?;
+            remove_if_exists(&self.group_index(&group.name))?;
+            name_lock.remove()?;
+        }
+        for sid in &group.snapshot_ids {
+            if let Some(rec) = self.load_snapshot(sid)? {
+                self.remove_snapshot(&rec)?;
+            }
+        }
+        remove_if_exists(&self.group_record(id))?;
+        sync_dir(&self.root.join("meta/groups"))?;
+        lock.remove()
+    }
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
@@ -562,6 +1054,8 @@ mod tests {
             min_bytes: 0,
             capabilities: vec![mount_cap(AccessMode::SingleNodeWriter)],
             parameters: Default::default(),
+            source: None,
+            provisioning: Provisioning::Thin,
         }
     }
 

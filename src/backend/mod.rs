@@ -2,6 +2,7 @@
 //! capacity, nodes), as a trait with no knowledge of gRPC. [`filepool::FilePool`] is the embedded
 //! implementation; cloud backends implement the same trait.
 
+pub mod copy;
 pub mod filepool;
 mod fsutil;
 
@@ -131,6 +132,75 @@ pub struct Volume {
     /// whatever a probe says, so it is never formatted afterwards.
     #[serde(default)]
     pub used_as_block: bool,
+    /// Where the initial contents came from, for restores and clones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeSource>,
+    /// A restored or cloned filesystem still carries its origin's UUID; the node gives it a
+    /// fresh one on the first stage, so origin and copy can be mounted side by side.
+    #[serde(default)]
+    pub needs_new_uuid: bool,
+    #[serde(default)]
+    pub provisioning: Provisioning,
+    /// The image grew since a node last grew the filesystem on it.
+    #[serde(default)]
+    pub pending_node_expansion: bool,
+}
+
+/// Where a new volume's contents come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeSource {
+    Snapshot(String),
+    Volume(String),
+}
+
+/// How the image reserves space in the pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provisioning {
+    /// Sparse: space is taken as data is written (the pool can run out under the volume).
+    #[default]
+    Thin,
+    /// Every byte reserved with fallocate: the volume can never hit a full pool.
+    Thick,
+}
+
+impl Provisioning {
+    pub fn parse(s: &str) -> Option<Provisioning> {
+        match s {
+            "thin" => Some(Provisioning::Thin),
+            "thick" => Some(Provisioning::Thick),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provisioning::Thin => "thin",
+            Provisioning::Thick => "thick",
+        }
+    }
+}
+
+/// A point-in-time copy of a volume's image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    /// The CSI name: the idempotency key of CreateSnapshot.
+    pub name: String,
+    pub source_volume_id: String,
+    pub size_bytes: u64,
+    pub created: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+}
+
+/// Snapshots of several volumes taken as one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSnapshot {
+    pub id: String,
+    pub name: String,
+    pub snapshot_ids: Vec<String>,
+    pub created: Timestamp,
 }
 
 /// What the controller asks for in CreateVolume, already validated.
@@ -145,6 +215,8 @@ pub struct NewVolume {
     pub min_bytes: u64,
     pub capabilities: Vec<Capability>,
     pub parameters: BTreeMap<String, String>,
+    pub source: Option<VolumeSource>,
+    pub provisioning: Provisioning,
 }
 
 /// A node that registered itself with the pool.
@@ -248,4 +320,28 @@ pub trait BlockStorage: Send + Sync {
     fn health(&self, volume: &Volume) -> Health;
     /// Where a node finds the volume's data: for the file pool, the image file.
     fn image_path(&self, id: &str) -> Result<PathBuf>;
+    /// Records that the node gave a restored or cloned filesystem its own UUID.
+    fn record_new_uuid(&self, id: &str) -> Result<Volume>;
+    /// Records that a node grew the filesystem to the image's size.
+    fn record_node_expanded(&self, id: &str) -> Result<Volume>;
+
+    /// Grows a volume to `bytes` (already rounded); a volume already that large is unchanged.
+    fn expand_volume(&self, id: &str, bytes: u64) -> Result<Volume>;
+    /// Changes how the volume reserves pool space.
+    fn set_provisioning(&self, id: &str, provisioning: Provisioning) -> Result<Volume>;
+
+    /// Snapshots a volume, or returns the snapshot already made under `name` from the same
+    /// source; `AlreadyExists` when `name` was used for another source.
+    fn create_snapshot(&self, name: &str, source_volume_id: &str) -> Result<Snapshot>;
+    /// `NotFound` for an unknown id; `InUse` for a member of a group snapshot.
+    fn delete_snapshot(&self, id: &str) -> Result<()>;
+    fn snapshot(&self, id: &str) -> Result<Snapshot>;
+    /// Every snapshot, ordered by id.
+    fn snapshots(&self) -> Result<Vec<Snapshot>>;
+
+    /// Snapshots every volume as one group: all or nothing.
+    fn create_group_snapshot(&self, name: &str, volume_ids: &[String]) -> Result<GroupSnapshot>;
+    fn group_snapshot(&self, id: &str) -> Result<GroupSnapshot>;
+    /// Deletes a group snapshot and its member snapshots. `NotFound` for an unknown id.
+    fn delete_group_snapshot(&self, id: &str) -> Result<()>;
 }

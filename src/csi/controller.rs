@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{run, to_i64, to_u64};
-use crate::backend::{Health, NewVolume, Volume};
+use crate::backend::{Health, NewVolume, Provisioning, Snapshot, Timestamp, Volume, VolumeSource};
 use crate::controller::{check_fits, Controller, CreateRequest, Segments};
 use crate::error::Error;
 use crate::pb;
@@ -23,6 +23,12 @@ const CAPABILITIES: &[Rpc] = &[
     Rpc::VolumeCondition,
     Rpc::SingleNodeMultiWriter,
     Rpc::PublishReadonly,
+    Rpc::CreateDeleteSnapshot,
+    Rpc::ListSnapshots,
+    Rpc::GetSnapshot,
+    Rpc::CloneVolume,
+    Rpc::ExpandVolume,
+    Rpc::ModifyVolume,
 ];
 
 pub struct ControllerService {
@@ -36,12 +42,59 @@ fn topology(t: &pb::Topology) -> Segments {
         .collect()
 }
 
+fn content_source(src: &VolumeSource) -> pb::VolumeContentSource {
+    use pb::volume_content_source::{SnapshotSource, Type, VolumeSource as PbVolume};
+    pb::VolumeContentSource {
+        r#type: Some(match src {
+            VolumeSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.clone(),
+            }),
+            VolumeSource::Volume(id) => Type::Volume(PbVolume {
+                volume_id: id.clone(),
+            }),
+        }),
+    }
+}
+
+fn source_of(src: Option<&pb::VolumeContentSource>) -> Result<Option<VolumeSource>, Error> {
+    use pb::volume_content_source::Type;
+    match src.and_then(|s| s.r#type.as_ref()) {
+        None => Ok(None),
+        Some(Type::Snapshot(s)) => Ok(Some(VolumeSource::Snapshot(
+            validate::required(&s.snapshot_id, "volume_content_source.snapshot.snapshot_id")?
+                .to_string(),
+        ))),
+        Some(Type::Volume(v)) => Ok(Some(VolumeSource::Volume(
+            validate::required(&v.volume_id, "volume_content_source.volume.volume_id")?.to_string(),
+        ))),
+    }
+}
+
+pub(crate) fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.seconds,
+        nanos: t.nanos,
+    }
+}
+
+pub(crate) fn wire_snapshot(s: &Snapshot) -> pb::Snapshot {
+    pb::Snapshot {
+        size_bytes: to_i64(s.size_bytes),
+        snapshot_id: s.id.clone(),
+        source_volume_id: s.source_volume_id.clone(),
+        creation_time: Some(timestamp(s.created)),
+        // Copies are complete before the record exists: a listed snapshot is always usable.
+        ready_to_use: true,
+        group_snapshot_id: s.group_id.clone().unwrap_or_default(),
+    }
+}
+
 fn wire_volume(c: &Controller, v: &Volume) -> pb::Volume {
     pb::Volume {
         capacity_bytes: to_i64(v.capacity_bytes),
         volume_id: v.id.clone(),
         volume_context: Default::default(),
-        content_source: None,
+        content_source: v.source.as_ref().map(content_source),
         accessible_topology: vec![pb::Topology {
             segments: c.topology().into_iter().collect(),
         }],
@@ -55,10 +108,6 @@ fn condition(h: &Health) -> pb::VolumeCondition {
     }
 }
 
-fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not supported by this driver"))
-}
-
 #[tonic::async_trait]
 impl pb::controller_server::Controller for ControllerService {
     async fn create_volume(
@@ -70,18 +119,17 @@ impl pb::controller_server::Controller for ControllerService {
         run("CreateVolume", "", move || {
             let name = validate::name(&r.name)?.to_string();
             let capabilities = validate::capabilities(&r.volume_capabilities)?;
-            if r.volume_content_source.is_some() {
-                return Err(Error::InvalidArgument(
-                    "volume_content_source is not supported yet".into(),
-                ));
-            }
+            let source = source_of(r.volume_content_source.as_ref())?;
             let range = r.capacity_range.unwrap_or_default();
             let parameters = validate::create_parameters(&r.parameters)?;
-            if !r.mutable_parameters.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "this driver has no mutable parameters".into(),
-                ));
-            }
+            // A mutable parameter wins over the StorageClass parameter of the same name.
+            let provisioning = validate::mutable_parameters(&r.mutable_parameters)?
+                .or_else(|| {
+                    parameters
+                        .get(validate::PROVISIONING_KEY)
+                        .and_then(|p| Provisioning::parse(p))
+                })
+                .unwrap_or_default();
             let reqs = r.accessibility_requirements.unwrap_or_default();
             let volume = c.create_volume(CreateRequest {
                 volume: NewVolume {
@@ -91,6 +139,8 @@ impl pb::controller_server::Controller for ControllerService {
                     min_bytes: 0,
                     capabilities,
                     parameters,
+                    source,
+                    provisioning,
                 },
                 requisite: reqs.requisite.iter().map(topology).collect(),
                 preferred: reqs.preferred.iter().map(topology).collect(),
@@ -288,43 +338,128 @@ impl pb::controller_server::Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _req: Request<pb::CreateSnapshotRequest>,
+        req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
-        Err(unimplemented("CreateSnapshot"))
+        let r = req.into_inner();
+        let c = self.controller.clone();
+        let id = r.source_volume_id.clone();
+        run("CreateSnapshot", &id, move || {
+            let name = validate::name(&r.name)?;
+            validate::required(&r.source_volume_id, "source_volume_id")?;
+            let mut unknown: Vec<&String> = r
+                .parameters
+                .keys()
+                .filter(|k| !k.starts_with(validate::SIDECAR_PARAMETER_PREFIX))
+                .collect();
+            if !unknown.is_empty() {
+                unknown.sort();
+                return Err(Error::InvalidArgument(format!(
+                    "unknown snapshot parameters: {unknown:?}"
+                )));
+            }
+            let snap = c.create_snapshot(name, &r.source_volume_id)?;
+            Ok(pb::CreateSnapshotResponse {
+                snapshot: Some(wire_snapshot(&snap)),
+            })
+        })
+        .await
     }
 
     async fn delete_snapshot(
         &self,
-        _req: Request<pb::DeleteSnapshotRequest>,
+        req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        Err(unimplemented("DeleteSnapshot"))
+        let r = req.into_inner();
+        let c = self.controller.clone();
+        run("DeleteSnapshot", "", move || {
+            validate::required(&r.snapshot_id, "snapshot_id")?;
+            c.delete_snapshot(&r.snapshot_id)?;
+            Ok(pb::DeleteSnapshotResponse {})
+        })
+        .await
     }
 
     async fn list_snapshots(
         &self,
-        _req: Request<pb::ListSnapshotsRequest>,
+        req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        Err(unimplemented("ListSnapshots"))
+        let r = req.into_inner();
+        let c = self.controller.clone();
+        run("ListSnapshots", "", move || {
+            let max = usize::try_from(r.max_entries)
+                .map_err(|_| Error::InvalidArgument("max_entries must not be negative".into()))?;
+            let (snaps, next_token) =
+                c.list_snapshots(max, &r.starting_token, &r.snapshot_id, &r.source_volume_id)?;
+            Ok(pb::ListSnapshotsResponse {
+                entries: snaps
+                    .iter()
+                    .map(|s| pb::list_snapshots_response::Entry {
+                        snapshot: Some(wire_snapshot(s)),
+                    })
+                    .collect(),
+                next_token,
+            })
+        })
+        .await
     }
 
     async fn get_snapshot(
         &self,
-        _req: Request<pb::GetSnapshotRequest>,
+        req: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
-        Err(unimplemented("GetSnapshot"))
+        let r = req.into_inner();
+        let c = self.controller.clone();
+        run("GetSnapshot", "", move || {
+            validate::required(&r.snapshot_id, "snapshot_id")?;
+            let snap = c.snapshot(&r.snapshot_id)?;
+            Ok(pb::GetSnapshotResponse {
+                snapshot: Some(wire_snapshot(&snap)),
+            })
+        })
+        .await
     }
 
     async fn controller_expand_volume(
         &self,
-        _req: Request<pb::ControllerExpandVolumeRequest>,
+        req: Request<pb::ControllerExpandVolumeRequest>,
     ) -> Result<Response<pb::ControllerExpandVolumeResponse>, Status> {
-        Err(unimplemented("ControllerExpandVolume"))
+        let r = req.into_inner();
+        let c = self.controller.clone();
+        let id = r.volume_id.clone();
+        run("ControllerExpandVolume", &id, move || {
+            validate::required(&r.volume_id, "volume_id")?;
+            let range = r
+                .capacity_range
+                .ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
+            if let Some(cap) = r.volume_capability.as_ref() {
+                validate::capability(Some(cap))?;
+            }
+            let (v, node_expansion_required) = c.expand(
+                &r.volume_id,
+                to_u64(range.required_bytes, "required_bytes")?,
+                to_u64(range.limit_bytes, "limit_bytes")?,
+            )?;
+            Ok(pb::ControllerExpandVolumeResponse {
+                capacity_bytes: to_i64(v.capacity_bytes),
+                node_expansion_required,
+            })
+        })
+        .await
     }
 
     async fn controller_modify_volume(
         &self,
-        _req: Request<pb::ControllerModifyVolumeRequest>,
+        req: Request<pb::ControllerModifyVolumeRequest>,
     ) -> Result<Response<pb::ControllerModifyVolumeResponse>, Status> {
-        Err(unimplemented("ControllerModifyVolume"))
+        let r = req.into_inner();
+        let c = self.controller.clone();
+        let id = r.volume_id.clone();
+        run("ControllerModifyVolume", &id, move || {
+            validate::required(&r.volume_id, "volume_id")?;
+            let provisioning = validate::mutable_parameters(&r.mutable_parameters)?;
+            c.modify(&r.volume_id, provisioning)?;
+            Ok(pb::ControllerModifyVolumeResponse {})
+        })
+        .await
     }
 }

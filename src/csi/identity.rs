@@ -61,9 +61,18 @@ impl pb::identity_server::Identity for IdentityService {
         // Capabilities describe the plugin, not this process: a node-mode process belongs to a
         // plugin whose controller runs elsewhere, and csi-sanity in split mode reads the node
         // socket's answer to decide whether volumes must be ControllerPublished first.
+        use pb::plugin_capability::volume_expansion::Type as Expansion;
+        let expansion = |t: Expansion| pb::PluginCapability {
+            r#type: Some(pb::plugin_capability::Type::VolumeExpansion(
+                pb::plugin_capability::VolumeExpansion { r#type: t as i32 },
+            )),
+        };
         let capabilities = vec![
             service(ServiceType::ControllerService),
             service(ServiceType::VolumeAccessibilityConstraints),
+            service(ServiceType::GroupControllerService),
+            expansion(Expansion::Online),
+            expansion(Expansion::Offline),
         ];
         super::quick(
             "GetPluginCapabilities",

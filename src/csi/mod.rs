@@ -3,6 +3,7 @@
 //! place (`error.rs`); every RPC is logged once at info with its duration and code.
 
 pub mod controller;
+pub mod group;
 pub mod identity;
 pub mod node;
 

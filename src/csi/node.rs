@@ -16,6 +16,7 @@ const CAPABILITIES: &[Rpc] = &[
     Rpc::GetVolumeStats,
     Rpc::VolumeCondition,
     Rpc::SingleNodeMultiWriter,
+    Rpc::ExpandVolume,
 ];
 
 pub struct NodeAdapter {
@@ -146,11 +147,23 @@ impl pb::node_server::Node for NodeAdapter {
 
     async fn node_expand_volume(
         &self,
-        _req: Request<pb::NodeExpandVolumeRequest>,
+        req: Request<pb::NodeExpandVolumeRequest>,
     ) -> Result<Response<pb::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "NodeExpandVolume is not supported by this driver",
-        ))
+        let r = req.into_inner();
+        let n = self.node.clone();
+        let id = r.volume_id.clone();
+        run("NodeExpandVolume", &id, move || {
+            validate::required(&r.volume_id, "volume_id")?;
+            validate::required(&r.volume_path, "volume_path")?;
+            if let Some(cap) = r.volume_capability.as_ref() {
+                validate::capability(Some(cap))?;
+            }
+            let size = n.expand(&r.volume_id, &r.volume_path)?;
+            Ok(pb::NodeExpandVolumeResponse {
+                capacity_bytes: to_i64(size),
+            })
+        })
+        .await
     }
 
     async fn node_get_capabilities(

@@ -26,7 +26,7 @@ const FIRST_MOUNT_ID: u32 = 100;
 const DEFAULT_SIZE: u64 = 1 << 30;
 
 /// The operations `fail_next` accepts: the [`Host`] methods by name.
-pub const OPS: [&str; 14] = [
+pub const OPS: [&str; 16] = [
     "loop_devices",
     "attach_loop",
     "detach_loop",
@@ -41,6 +41,8 @@ pub const OPS: [&str; 14] = [
     "device_size",
     "fs_stats",
     "grow_fs",
+    "new_fs_uuid",
+    "grow_unmounted_fs",
 ];
 
 /// A call that changes (or probes) the machine. Queries (`mounts`, `loop_devices`,
@@ -84,6 +86,14 @@ pub enum Call {
         mount_point: PathBuf,
         fs: FsType,
     },
+    NewFsUuid {
+        device: PathBuf,
+        fs: FsType,
+    },
+    GrowUnmountedFs {
+        device: PathBuf,
+        fs: FsType,
+    },
 }
 
 impl Call {
@@ -99,6 +109,8 @@ impl Call {
             Call::BindMount { .. } => "bind_mount",
             Call::Unmount { .. } => "unmount",
             Call::GrowFs { .. } => "grow_fs",
+            Call::NewFsUuid { .. } => "new_fs_uuid",
+            Call::GrowUnmountedFs { .. } => "grow_unmounted_fs",
         }
     }
 }
@@ -116,7 +128,11 @@ impl fmt::Display for Call {
             Call::DetachLoop { device }
             | Call::RefreshLoopCapacity { device }
             | Call::Probe { device } => write!(f, "{op} {}", device.display()),
-            Call::Mkfs { device, fs } => write!(f, "{op} {} {}", device.display(), fs.as_str()),
+            Call::Mkfs { device, fs }
+            | Call::NewFsUuid { device, fs }
+            | Call::GrowUnmountedFs { device, fs } => {
+                write!(f, "{op} {} {}", device.display(), fs.as_str())
+            }
             Call::Mount {
                 device,
                 target,
@@ -760,6 +776,47 @@ impl Host for FakeHost {
                 libc::EINVAL,
             ));
         }
+        Ok(())
+    }
+
+    fn grow_unmounted_fs(&self, device: &Path, fs: FsType) -> Result<()> {
+        let mut st = self.lock();
+        st.record(Call::GrowUnmountedFs {
+            device: device.to_path_buf(),
+            fs,
+        })?;
+        st.attached(device)?;
+        if fs == FsType::Xfs {
+            return Err(errno(
+                format!("grow {}", device.display()),
+                libc::EOPNOTSUPP,
+            ));
+        }
+        Ok(())
+    }
+
+    fn new_fs_uuid(&self, device: &Path, fs: FsType, _scratch: &Path) -> Result<()> {
+        let mut st = self.lock();
+        st.record(Call::NewFsUuid {
+            device: device.to_path_buf(),
+            fs,
+        })?;
+        let (_, c) = st.attached_contents(device)?;
+        match &c.probe {
+            Probe::Filesystem { fs_type, .. } if fs_type == fs.as_str() => {}
+            other => {
+                return Err(errno(
+                    format!("new uuid for {}: holds {other:?}", device.display()),
+                    libc::EINVAL,
+                ))
+            }
+        }
+        st.formatted += 1;
+        let uuid = format!("00000000-0000-4000-9000-{:012x}", st.formatted);
+        st.attached_contents(device)?.1.probe = Probe::Filesystem {
+            fs_type: fs.as_str().to_string(),
+            uuid: Some(uuid),
+        };
         Ok(())
     }
 

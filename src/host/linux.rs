@@ -29,6 +29,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 // Lazy init makes mkfs take milliseconds; minutes means a hung device, not a big one.
 const MKFS_TIMEOUT: Duration = Duration::from_secs(300);
 const GROW_TIMEOUT: Duration = Duration::from_secs(300);
+const FSCK_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// blkid's exit status when it found no signature at all.
 const BLKID_NOTHING_FOUND: i32 = 2;
@@ -38,7 +39,16 @@ const BLKID_NOTHING_FOUND: i32 = 2;
 const PROBE_READ: u64 = 64 * 1024;
 
 /// The tools the node cannot stage a volume without.
-const REQUIRED_TOOLS: [&str; 3] = ["mkfs.ext4", "mkfs.xfs", "blkid"];
+const REQUIRED_TOOLS: [&str; 8] = [
+    "mkfs.ext4",
+    "mkfs.xfs",
+    "blkid",
+    "resize2fs",
+    "xfs_growfs",
+    "e2fsck",
+    "tune2fs",
+    "xfs_admin",
+];
 
 // BLKGETSIZE64 is _IOR(0x12, 114, size_t) but always writes a u64.
 nix::ioctl_read_bad!(
@@ -222,6 +232,45 @@ impl Host for LinuxHost {
             FsType::Xfs => run("xfs_growfs", &[&mount_point], GROW_TIMEOUT),
         }
         .map(drop)
+    }
+
+    fn grow_unmounted_fs(&self, device: &Path, fs: FsType) -> Result<()> {
+        match fs {
+            FsType::Ext4 => run("resize2fs", &[&device], GROW_TIMEOUT).map(drop),
+            FsType::Xfs => Err(Error::Busy(format!(
+                "xfs on {} can only grow while mounted",
+                device.display()
+            ))),
+        }
+    }
+
+    fn new_fs_uuid(&self, device: &Path, fs: FsType, scratch: &Path) -> Result<()> {
+        // XFS refuses to mount a second filesystem with a UUID already mounted: the replay mount
+        // says nouuid. The copy's UUID changes below, so later mounts need no such option.
+        let replay = MountOptions {
+            data: if fs == FsType::Xfs {
+                "nouuid".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        };
+        self.mount(device, scratch, fs.as_str(), &replay)?;
+        self.unmount(scratch)?;
+        match fs {
+            FsType::Ext4 => {
+                // Exit 1 means "errors corrected"; anything above leaves the volume alone.
+                let out = execute("e2fsck", &[&"-f", &"-p", &device], FSCK_TIMEOUT)?;
+                if !matches!(out.status.code(), Some(0) | Some(1)) {
+                    return Err(command_error("e2fsck", &[&"-f", &"-p", &device], &out));
+                }
+                run("tune2fs", &[&"-U", &"random", &device], GROW_TIMEOUT)?;
+            }
+            FsType::Xfs => {
+                run("xfs_admin", &[&"-U", &"generate", &device], GROW_TIMEOUT)?;
+            }
+        }
+        Ok(())
     }
 
     fn check_ready(&self) -> std::result::Result<(), String> {

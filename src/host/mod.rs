@@ -170,6 +170,12 @@ pub trait Host: Send + Sync {
     fn fs_stats(&self, path: &Path) -> Result<FsStats>;
     /// Grows a mounted filesystem to the size of its device.
     fn grow_fs(&self, device: &Path, mount_point: &Path, fs: FsType) -> Result<()>;
+    /// Grows an unmounted filesystem to the size of its device (ext4 only: XFS grows mounted).
+    fn grow_unmounted_fs(&self, device: &Path, fs: FsType) -> Result<()>;
+    /// Gives the (unmounted) filesystem on `device` a new random UUID. It is mounted at
+    /// `scratch` and unmounted first, so a journal or log left by a crash-consistent copy is
+    /// replayed as a normal mount would; ext4 is then checked, as tune2fs requires.
+    fn new_fs_uuid(&self, device: &Path, fs: FsType, scratch: &Path) -> Result<()>;
     /// Whether the loop driver and the tools the node needs are present; the message names what is missing.
     fn check_ready(&self) -> std::result::Result<(), String>;
 }
