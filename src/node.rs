@@ -986,6 +986,76 @@ mod tests {
     }
 
     #[test]
+    fn a_copied_filesystem_gets_a_new_uuid_once_and_is_never_formatted() {
+        let e = env();
+        let src = e.volume("src", &mount_cap());
+        e.stage(&src, &mount_cap()).unwrap();
+        let restored = e
+            .pool
+            .create_volume(&NewVolume {
+                name: "copy".into(),
+                required_bytes: 1 << 20,
+                limit_bytes: 0,
+                min_bytes: 0,
+                capabilities: vec![mount_cap()],
+                parameters: Default::default(),
+                source: Some(crate::backend::VolumeSource::Volume(src.clone())),
+                provisioning: Default::default(),
+            })
+            .unwrap();
+        assert!(restored.needs_new_uuid);
+        assert_eq!(restored.filesystem.as_deref(), Some("ext4"));
+        e.pool
+            .attach(
+                &restored.id,
+                "n1",
+                &Attachment {
+                    read_only: false,
+                    capability: mount_cap(),
+                },
+            )
+            .unwrap();
+        // The fake keys contents by image: the copy holds what the source held.
+        e.host.set_probe(
+            &e.image(&restored.id),
+            Probe::Filesystem {
+                fs_type: "ext4".into(),
+                uuid: Some("same".into()),
+            },
+        );
+        e.node.unstage(&src, &e.staging()).unwrap();
+        e.stage(&restored.id, &mount_cap()).unwrap();
+        assert_eq!(e.host.count("new_fs_uuid"), 1);
+        assert_eq!(
+            e.host.count("mkfs"),
+            1,
+            "only the source was ever formatted"
+        );
+        assert!(!e.pool.volume(&restored.id).unwrap().needs_new_uuid);
+        e.node.unstage(&restored.id, &e.staging()).unwrap();
+        e.stage(&restored.id, &mount_cap()).unwrap();
+        assert_eq!(e.host.count("new_fs_uuid"), 1, "once only");
+    }
+
+    #[test]
+    fn expand_refreshes_the_device_and_grows_the_mounted_filesystem() {
+        let e = env();
+        let id = e.volume("v", &mount_cap());
+        let target = e.target("t");
+        e.stage(&id, &mount_cap()).unwrap();
+        e.publish(&id, &target, &mount_cap()).unwrap();
+        e.pool.expand_volume(&id, 2 << 20).unwrap();
+        e.node.expand(&id, target.to_str().unwrap()).unwrap();
+        assert_eq!(e.host.count("refresh_loop_capacity"), 1);
+        assert_eq!(e.host.count("grow_fs"), 1);
+        assert!(!e.pool.volume(&id).unwrap().pending_node_expansion);
+        assert!(matches!(
+            e.node.expand(&id, "some/path"),
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[test]
     fn stats_find_the_volume_only_where_it_is() {
         let e = env();
         let id = e.volume("v", &mount_cap());

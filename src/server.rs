@@ -85,6 +85,15 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         path: cfg.pool.display().to_string(),
         source,
     })?;
+    if cfg.mode.controller() {
+        let removed = pool.collect_garbage().map_err(|source| ServeError::Pool {
+            path: cfg.pool.display().to_string(),
+            source,
+        })?;
+        if removed > 0 {
+            info!(removed, "removed temporary files of interrupted copies");
+        }
+    }
     let pool_id = pool.pool_id().to_string();
     let backend: Arc<dyn BlockStorage> = Arc::new(pool);
 

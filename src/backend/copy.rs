@@ -29,8 +29,9 @@ pub enum Mode {
 const FICLONE: libc::c_ulong = 0x4004_9409;
 const CHUNK: usize = 1 << 20;
 
-/// Copies `src` to the new file `dst` (which must not exist), fsyncs it, and returns how.
-/// On error `dst` is removed.
+/// Copies `src` to the new file `dst` (which must not exist) and returns how. Durability is the
+/// caller's choice (a data copy needs an fsync of `dst`; a reflink on an ordered journal is
+/// committed by any later fsync in the pool). On error `dst` is removed.
 pub fn copy_file(src: &Path, dst: &Path, mode: Mode) -> io::Result<Method> {
     let input = File::open(src)?;
     let output = OpenOptions::new()
@@ -38,7 +39,7 @@ pub fn copy_file(src: &Path, dst: &Path, mode: Mode) -> io::Result<Method> {
         .create_new(true)
         .mode(0o600)
         .open(dst)?;
-    let res = copy_open(&input, &output, mode).and_then(|m| output.sync_all().map(|()| m));
+    let res = copy_open(&input, &output, mode);
     if res.is_err() {
         let _ = std::fs::remove_file(dst);
     }

@@ -11,15 +11,17 @@
 //! meta/nodes/<node>.json     node registrations
 //! snapshots/<id>.img         snapshot images (reflinks where the filesystem allows)
 //! meta/snapshots/<id>.json   snapshot records
-//! meta/snapnames/<sha256>.json  CSI snapshot name -> snapshot id
 //! meta/groups/<id>.json      group snapshot records
 //! meta/groupnames/<sha256>.json CSI group snapshot name -> group id
 //! locks/                     lock files (name-*, volume-*, node-*, snapname-*, snapshot-*, ...)
 //! ```
 //! Crash safety rests on the order of writes. Create: name index, then image, then record; a retry
 //! that finds an index without a record finishes the same volume instead of making another.
-//! Delete: index, then image, then record; a retry finishes it. Snapshots and groups follow the
-//! same order with their own indexes.
+//! Delete: index, then image, then record; a retry finishes it.
+//! Snapshots need no index: their id is derived from their name, so a retry finds its own work.
+//! Create: clone or copy under a temporary name, rename, then the record; delete: record, then
+//! image. On pools whose filesystem journals metadata in order (ext4, XFS) one fsync of the
+//! record makes the whole snapshot durable; elsewhere every step is synced.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -29,7 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use super::copy::{self, Mode as CopyMode};
 use super::fsutil::{
-    create_atomic, hash_name, read_optional, remove_if_exists, sync_dir, write_atomic, FileLock,
+    create_atomic, hash_name, read_optional, remove_if_exists, sync_dir, write_atomic,
+    write_ordered, FileLock,
 };
 use super::{
     Attachment, BlockStorage, Capacity, Error, GroupSnapshot, Health, NewVolume, Node,
@@ -58,13 +61,6 @@ struct PoolRecord {
 struct NameRecord {
     name: String,
     volume_id: String,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapshotNameRecord {
-    name: String,
-    snapshot_id: String,
-    source_volume_id: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -159,6 +155,18 @@ pub fn round_size(required: u64, limit: u64, min: u64) -> Result<u64> {
 pub struct FilePool {
     root: PathBuf,
     id: String,
+    /// The pool's filesystem commits metadata through one ordered journal (ext4, XFS): an fsync
+    /// also makes every earlier rename and clone in the pool durable.
+    ordered_journal: bool,
+}
+
+/// statfs magic numbers of filesystems whose metadata journal is ordered (linux/magic.h).
+const EXT4_MAGIC: i64 = 0xEF53;
+const XFS_MAGIC: i64 = 0x5846_5342;
+
+/// Snapshot ids derive from the name, so a retried CreateSnapshot lands on its own work.
+fn snapshot_id_for(name: &str) -> String {
+    format!("{SNAPSHOT_ID_PREFIX}{}", &hash_name(name)[..32])
 }
 
 impl FilePool {
@@ -174,7 +182,6 @@ impl FilePool {
             root.join("meta/nodes"),
             root.join("snapshots"),
             root.join("meta/snapshots"),
-            root.join("meta/snapnames"),
             root.join("meta/groups"),
             root.join("meta/groupnames"),
             root.join("locks"),
@@ -197,14 +204,57 @@ impl FilePool {
         let bytes = read_optional(&record_path)?
             .ok_or_else(|| Error::Corrupt(format!("{} vanished", record_path.display())))?;
         let record: PoolRecord = from_json(&record_path, &bytes)?;
+        let ordered_journal = nix::sys::statfs::statfs(root)
+            .map(|st| {
+                let magic = st.filesystem_type().0 as i64;
+                magic == EXT4_MAGIC || magic == XFS_MAGIC
+            })
+            .unwrap_or(false);
         Ok(FilePool {
             root: root.to_path_buf(),
             id: record.id,
+            ordered_journal,
         })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Removes the temporary files of copies a crashed controller left (they are never renamed
+    /// into place, so nothing refers to them). Only the controller writes images and snapshots,
+    /// so this runs when a controller starts, before it serves. Returns how many were removed.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        let mut removed = 0;
+        for sub in ["volumes", "snapshots"] {
+            let dir = self.root.join(sub);
+            let entries = std::fs::read_dir(&dir)
+                .map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') && name.contains(".tmp-") {
+                    remove_if_exists(&entry.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        // Snapshot images whose record never became durable (or was deleted first).
+        let dir = self.root.join("snapshots");
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) else {
+                continue;
+            };
+            if is_snapshot_id(id) && self.load_snapshot(id)?.is_none() {
+                remove_if_exists(&self.snapshot_record(id))?;
+                remove_if_exists(&entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     fn checked_id<'a>(&self, id: &'a str) -> Result<&'a str> {
@@ -299,12 +349,6 @@ impl FilePool {
         self.root.join("meta/snapshots").join(format!("{id}.json"))
     }
 
-    fn snapshot_index(&self, name: &str) -> PathBuf {
-        self.root
-            .join("meta/snapnames")
-            .join(format!("{}.json", hash_name(name)))
-    }
-
     fn group_record(&self, id: &str) -> PathBuf {
         self.root.join("meta/groups").join(format!("{id}.json"))
     }
@@ -321,7 +365,10 @@ impl FilePool {
         }
         let path = self.snapshot_record(id);
         match read_optional(&path)? {
+            // An empty record is the trace of a crash before its one fsync: the snapshot was
+            // never reported made, and a retry of its name remakes it.
             None => Ok(None),
+            Some(bytes) if bytes.is_empty() => Ok(None),
             Some(bytes) => Ok(Some(from_json(&path, &bytes)?)),
         }
     }
@@ -355,49 +402,30 @@ impl FilePool {
         }
     }
 
-    /// Copies a volume's image into a new snapshot (index, image, record), under the snapshot
-    /// name's lock. `group` ties it to a group snapshot.
+    /// Copies a volume's image into a new snapshot (image, then record) under the snapshot's
+    /// lock. `group` ties it to a group snapshot.
     fn make_snapshot(
         &self,
         name: &str,
         source_volume_id: &str,
         group: Option<&str>,
     ) -> Result<Snapshot> {
-        let index_path = self.snapshot_index(name);
-        let _name_lock = self.lock("snapname", &hash_name(name))?;
-        let id = match read_optional(&index_path)? {
-            Some(bytes) => {
-                let index: SnapshotNameRecord = from_json(&index_path, &bytes)?;
-                if index.source_volume_id != source_volume_id {
-                    return Err(Error::AlreadyExists(format!(
-                        "snapshot {name:?} exists for volume {}",
-                        index.source_volume_id
-                    )));
-                }
-                if let Some(rec) = self.load_snapshot(&index.snapshot_id)? {
-                    return Ok(rec.snapshot);
-                }
-                // An earlier attempt stopped between index and record: finish that snapshot.
-                index.snapshot_id
+        let id = snapshot_id_for(name);
+        let _lock = self.lock("snapshot", &id)?;
+        if let Some(rec) = self.load_snapshot(&id)? {
+            if rec.snapshot.name != name || rec.snapshot.source_volume_id != source_volume_id {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {name:?} exists for volume {}",
+                    rec.snapshot.source_volume_id
+                )));
             }
-            None => {
-                // Checked first, so an unknown source leaves nothing behind.
-                self.volume(source_volume_id)?;
-                let id = new_id(SNAPSHOT_ID_PREFIX);
-                let index = SnapshotNameRecord {
-                    name: name.to_string(),
-                    snapshot_id: id.clone(),
-                    source_volume_id: source_volume_id.to_string(),
-                };
-                write_atomic(&index_path, &to_json(&index)?)?;
-                id
-            }
-        };
-        let made = self.copy_into_snapshot(&id, name, source_volume_id, group);
+            return Ok(rec.snapshot);
+        }
+        let volume = self.volume(source_volume_id)?;
+        let made = self.copy_into_snapshot(&id, name, &volume, group);
         if made.is_err() {
-            let _ = remove_if_exists(&self.snapshot_image(&id));
             let _ = remove_if_exists(&self.snapshot_record(&id));
-            let _ = remove_if_exists(&index_path);
+            let _ = remove_if_exists(&self.snapshot_image(&id));
         }
         made
     }
@@ -406,56 +434,60 @@ impl FilePool {
         &self,
         id: &str,
         name: &str,
-        source_volume_id: &str,
+        volume: &Volume,
         group: Option<&str>,
     ) -> Result<Snapshot> {
-        let volume = self.volume(source_volume_id)?;
         let image = self.snapshot_image(id);
         let tmp = super::fsutil::temp_path(&image);
-        copy::copy_file(&self.image(source_volume_id), &tmp, CopyMode::Auto)
-            .map_err(|e| Error::io(format!("snapshot volume {source_volume_id}"), e))?;
-        let size_bytes = std::fs::metadata(&tmp)
-            .map_err(|e| Error::io(format!("stat {}", tmp.display()), e))?
-            .len();
+        let method = copy::copy_file(&self.image(&volume.id), &tmp, CopyMode::Auto)
+            .map_err(|e| Error::io(format!("snapshot volume {}", volume.id), e))?;
+        let synced = (|| {
+            // A data copy's blocks are not covered by a journal commit: they get their own fsync.
+            if method == copy::Method::DataCopy || !self.ordered_journal {
+                std::fs::File::open(&tmp)?.sync_all()?;
+            }
+            std::fs::metadata(&tmp).map(|m| m.len())
+        })();
+        let size_bytes = match synced {
+            Ok(len) => len,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::io(format!("sync {}", tmp.display()), e));
+            }
+        };
         if let Err(e) = std::fs::rename(&tmp, &image) {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::io(format!("rename {}", image.display()), e));
         }
-        sync_dir(&self.root.join("snapshots"))?;
         let rec = SnapshotRecord {
             snapshot: Snapshot {
                 id: id.to_string(),
                 name: name.to_string(),
-                source_volume_id: source_volume_id.to_string(),
+                source_volume_id: volume.id.clone(),
                 size_bytes,
                 created: Timestamp::now(),
                 group_id: group.map(str::to_string),
             },
-            filesystem: volume.filesystem,
+            filesystem: volume.filesystem.clone(),
             used_as_block: volume.used_as_block,
         };
-        write_atomic(&self.snapshot_record(id), &to_json(&rec)?)?;
+        if self.ordered_journal {
+            write_ordered(&self.snapshot_record(id), &to_json(&rec)?)?;
+        } else {
+            sync_dir(&self.root.join("snapshots"))?;
+            write_atomic(&self.snapshot_record(id), &to_json(&rec)?)?;
+        }
         Ok(rec.snapshot)
     }
 
-    /// Removes a snapshot: index, image, record. Group membership is the caller's concern.
+    /// Removes a snapshot: record first, so a crash can leave an orphan image (collected at the
+    /// next controller start) but never a record without its image.
     fn remove_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
         let id = &rec.snapshot.id;
-        {
-            let name_lock = self.lock("snapname", &hash_name(&rec.snapshot.name))?;
-            let index_path = self.snapshot_index(&rec.snapshot.name);
-            if let Some(bytes) = read_optional(&index_path)? {
-                let index: SnapshotNameRecord = from_json(&index_path, &bytes)?;
-                if index.snapshot_id == *id {
-                    remove_if_exists(&index_path)?;
-                }
-            }
-            name_lock.remove()?;
-        }
-        remove_if_exists(&self.snapshot_image(id))?;
-        sync_dir(&self.root.join("snapshots"))?;
         remove_if_exists(&self.snapshot_record(id))?;
-        sync_dir(&self.root.join("meta/snapshots"))
+        sync_dir(&self.root.join("meta/snapshots"))?;
+        remove_if_exists(&self.snapshot_image(id))?;
+        sync_dir(&self.root.join("snapshots"))
     }
 
     fn load_group(&self, id: &str) -> Result<Option<GroupSnapshot>> {
@@ -1248,6 +1280,116 @@ mod tests {
         assert_eq!(v2.filesystem.as_deref(), Some("ext4"));
         std::fs::remove_file(pool.image_path(&v.id).unwrap()).unwrap();
         assert!(pool.health(&v).abnormal);
+    }
+
+    #[test]
+    fn snapshots_are_idempotent_by_name_and_independent_of_their_source() {
+        let (_d, pool) = pool();
+        let v = pool.create_volume(&req("src", 2 << 20)).unwrap();
+        let w = pool.create_volume(&req("other", 2 << 20)).unwrap();
+        let s = pool.create_snapshot("s1", &v.id).unwrap();
+        assert_eq!(pool.create_snapshot("s1", &v.id).unwrap(), s);
+        assert!(matches!(
+            pool.create_snapshot("s1", &w.id),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            pool.create_snapshot("s2", "vol-00000000000000000000000000000000"),
+            Err(Error::NotFound(_))
+        ));
+        pool.delete_volume(&v.id).unwrap();
+        let restored = pool
+            .create_volume(&NewVolume {
+                source: Some(VolumeSource::Snapshot(s.id.clone())),
+                ..req("restored", 4 << 20)
+            })
+            .unwrap();
+        assert_eq!(restored.capacity_bytes, 4 << 20);
+        assert_eq!(pool.snapshots().unwrap().len(), 1);
+        pool.delete_snapshot(&s.id).unwrap();
+        assert!(matches!(
+            pool.delete_snapshot(&s.id),
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_snapshot_cut_short_by_a_crash_is_absent_and_collected() {
+        let (_d, pool) = pool();
+        let v = pool.create_volume(&req("src", 1 << 20)).unwrap();
+        let s = pool.create_snapshot("s", &v.id).unwrap();
+        // What a crash before the record's fsync can leave: an empty record beside the image,
+        // and a half copy under a temporary name.
+        std::fs::write(pool.snapshot_record(&s.id), b"").unwrap();
+        let half = super::super::fsutil::temp_path(&pool.snapshot_image("snap-x"));
+        std::fs::write(&half, b"partial").unwrap();
+        assert!(matches!(pool.snapshot(&s.id), Err(Error::NotFound(_))));
+        assert!(pool.snapshots().unwrap().is_empty());
+        assert_eq!(pool.collect_garbage().unwrap(), 2);
+        assert!(!pool.snapshot_image(&s.id).exists() && !half.exists());
+        // The retry of the same name makes it whole.
+        assert_eq!(pool.create_snapshot("s", &v.id).unwrap().id, s.id);
+    }
+
+    #[test]
+    fn expansion_grows_exactly_and_never_shrinks_and_thick_reserves() {
+        use std::os::unix::fs::MetadataExt;
+        let (_d, pool) = pool();
+        let v = pool.create_volume(&req("v", 4 << 20)).unwrap();
+        let grown = pool.expand_volume(&v.id, 8 << 20).unwrap();
+        assert_eq!(grown.capacity_bytes, 8 << 20);
+        assert!(grown.pending_node_expansion);
+        assert_eq!(
+            pool.expand_volume(&v.id, 2 << 20).unwrap().capacity_bytes,
+            8 << 20
+        );
+        let image = pool.image_path(&v.id).unwrap();
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), 8 << 20);
+        assert!(
+            std::fs::metadata(&image).unwrap().blocks() * 512 < 1 << 20,
+            "thin stays sparse"
+        );
+        pool.set_provisioning(&v.id, Provisioning::Thick).unwrap();
+        assert!(std::fs::metadata(&image).unwrap().blocks() * 512 >= 8 << 20);
+        pool.expand_volume(&v.id, 12 << 20).unwrap();
+        assert!(
+            std::fs::metadata(&image).unwrap().blocks() * 512 >= 12 << 20,
+            "thick growth reserves too"
+        );
+    }
+
+    #[test]
+    fn group_snapshots_roll_back_when_a_member_fails() {
+        let (_d, pool) = pool();
+        let a = pool.create_volume(&req("a", 1 << 20)).unwrap();
+        let b = pool.create_volume(&req("b", 1 << 20)).unwrap();
+        // Member b's image is gone: its snapshot fails after a's was made.
+        std::fs::remove_file(pool.image_path(&b.id).unwrap()).unwrap();
+        let res = pool.create_group_snapshot("g", &[a.id.clone(), b.id.clone()]);
+        assert!(res.is_err());
+        assert!(
+            pool.snapshots().unwrap().is_empty(),
+            "a's snapshot must be rolled back"
+        );
+        let c = pool.create_volume(&req("c", 1 << 20)).unwrap();
+        let g = pool
+            .create_group_snapshot("g", &[a.id.clone(), c.id.clone()])
+            .unwrap();
+        assert_eq!(
+            pool.create_group_snapshot("g", &[c.id.clone(), a.id.clone()])
+                .unwrap(),
+            g
+        );
+        assert!(matches!(
+            pool.create_group_snapshot("g", &[a.id.clone()]),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            pool.delete_snapshot(&g.snapshot_ids[0]),
+            Err(Error::InUse(_))
+        ));
+        pool.delete_group_snapshot(&g.id).unwrap();
+        assert!(pool.snapshots().unwrap().is_empty());
     }
 
     #[test]

@@ -58,6 +58,29 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     sync_dir(path.parent().unwrap_or(Path::new("/")))
 }
 
+/// Replaces `path` with `data` using one fsync: temp file, rename, then fsync of the renamed
+/// file. Only for filesystems with one ordered metadata journal (ext4, XFS), where that fsync
+/// commits the rename and every earlier metadata change too. A crash before it returns may leave
+/// `path` empty; readers must treat an empty file as absent.
+pub fn write_ordered(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        std::fs::rename(&tmp, path)?;
+        f.sync_all()
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(format!("write {}", path.display()), e));
+    }
+    Ok(())
+}
+
 /// Creates `path` with `data` only if it does not exist yet; returns false when another
 /// writer got there first. Uses link(2) so the file never appears half-written.
 pub fn create_atomic(path: &Path, data: &[u8]) -> Result<bool> {

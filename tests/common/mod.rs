@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use blockcsi::pb;
 use blockcsi::pb::controller_client::ControllerClient;
+use blockcsi::pb::group_controller_client::GroupControllerClient;
 use blockcsi::pb::identity_client::IdentityClient;
 use blockcsi::pb::node_client::NodeClient;
 use tonic::transport::Channel;
@@ -82,7 +83,8 @@ impl Sandbox {
         let entries = blockcsi::host::mountinfo::parse(&text).unwrap();
         entries
             .into_iter()
-            .filter(|m| m.mount_point.starts_with(self.dir.path()))
+            // A test may mount a filesystem of its choice as the pool itself.
+            .filter(|m| m.mount_point.starts_with(self.dir.path()) && m.mount_point != self.pool())
             .map(|m| m.mount_point.display().to_string())
             .collect()
     }
@@ -226,6 +228,7 @@ pub struct Client {
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
+    pub group: GroupControllerClient<Channel>,
 }
 
 impl Client {
@@ -246,6 +249,7 @@ impl Client {
         Client {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),
+            group: GroupControllerClient::new(channel.clone()),
             node: NodeClient::new(channel),
         }
     }
