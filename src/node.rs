@@ -135,6 +135,7 @@ impl NodeService {
 
     pub fn stage(&self, req: &StageRequest) -> Result<()> {
         let _guard = self.guards.acquire(&req.volume_id)?;
+        validate::no_symlinks(&req.staging_path, "staging_target_path")?;
         let volume = self.published_volume(&req.volume_id)?;
         check_fits(&volume, &req.capability)?;
         let image = self.backend.image_path(&volume.id)?;
@@ -155,6 +156,7 @@ impl NodeService {
             self.backend.record_block_use(&volume.id)?;
             if existing.is_none() {
                 let dev = self.attach(&image)?;
+                crate::faults::point("stage.after_attach");
                 info!(volume_id = %volume.id, device = %dev.path.display(), "attached for block access");
             }
             return Ok(());
@@ -188,6 +190,7 @@ impl NodeService {
             Some(d) => d,
             None => self.attach(&image)?,
         };
+        crate::faults::point("stage.after_attach");
         let res = self.format_and_mount(&volume, req, &dev);
         if res.is_err() && attached_here {
             if let Err(e) = self.host.detach_loop(&dev) {
@@ -304,7 +307,9 @@ impl NodeService {
                     .unwrap_or(FsType::Ext4);
                 info!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "formatting blank volume");
                 self.host.mkfs(&dev.path, fs)?;
+                crate::faults::point("stage.after_mkfs");
                 self.backend.record_filesystem(&volume.id, fs.as_str())?;
+                crate::faults::point("stage.after_record_filesystem");
                 fs
             }
         };
@@ -315,6 +320,7 @@ impl NodeService {
         let opts = validate::mount_options(flags, req.capability.mode.read_only())?;
         self.host
             .mount(&dev.path, &req.staging_path, fs.as_str(), &opts)?;
+        crate::faults::point("stage.after_mount");
         info!(volume_id = %volume.id, path = %req.staging_path.display(), fs = fs.as_str(), "staged");
         Ok(())
     }
@@ -323,12 +329,14 @@ impl NodeService {
     /// detaches the volume's loop devices. Not staged is success.
     pub fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let _guard = self.guards.acquire(volume_id)?;
+        validate::no_symlinks(staging_path, "staging_target_path")?;
         let image = self.backend.image_path(volume_id)?;
         let loops = self.loops_of(&image)?;
         let mounts = self.host.mounts()?;
         if let Some(m) = top_mount(&mounts, staging_path) {
             if loops.iter().any(|d| d.dev == m.dev) || self.is_stale(m)? {
                 self.host.unmount(staging_path)?;
+                crate::faults::point("unstage.after_unmount");
             } else {
                 return Err(Error::FailedPrecondition(format!(
                     "staging path {} holds another device ({}), not volume {volume_id}",
@@ -348,6 +356,7 @@ impl NodeService {
         }
         for dev in &loops {
             self.host.detach_loop(dev)?;
+            crate::faults::point("unstage.after_detach");
             info!(volume_id, device = %dev.path.display(), "detached");
         }
         Ok(())
@@ -355,6 +364,8 @@ impl NodeService {
 
     pub fn publish(&self, req: &PublishRequest) -> Result<()> {
         let _guard = self.guards.acquire(&req.volume_id)?;
+        validate::no_symlinks(&req.target, "target_path")?;
+        validate::no_symlinks(&req.staging_path, "staging_target_path")?;
         let volume = self.published_volume(&req.volume_id)?;
         check_fits(&volume, &req.capability)?;
         let image = self.backend.image_path(&volume.id)?;
@@ -421,6 +432,7 @@ impl NodeService {
         } else {
             ensure_dir(&req.target)?
         };
+        crate::faults::point("publish.after_target");
         let source = if block { &dev.path } else { &req.staging_path };
         if let Err(e) = self.host.bind_mount(source, &req.target, read_only) {
             if created {
@@ -428,6 +440,7 @@ impl NodeService {
             }
             return Err(e.into());
         }
+        crate::faults::point("publish.after_bind");
         info!(volume_id = %volume.id, target = %req.target.display(), read_only, "published");
         Ok(())
     }
@@ -446,6 +459,8 @@ impl NodeService {
     /// written into an unmounted directory is never deleted.
     pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<()> {
         let _guard = self.guards.acquire(volume_id)?;
+        self.backend.image_path(volume_id)?; // a malformed id is NOT_FOUND, as everywhere
+        validate::no_symlinks(target, "target_path")?;
         // Stacked mounts (a retried publish that raced) are unmounted one by one.
         for _ in 0..16 {
             let mounts = self.host.mounts()?;
@@ -453,6 +468,7 @@ impl NodeService {
                 break;
             }
             self.host.unmount(target)?;
+            crate::faults::point("unpublish.after_unmount");
         }
         if top_mount(&self.host.mounts()?, target).is_some() {
             return Err(Error::Internal(format!(

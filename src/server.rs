@@ -82,6 +82,11 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         path: cfg.pool.display().to_string(),
         source,
     })?;
+    // Before serving, while this process has nothing in flight: what a killed predecessor left.
+    pool.collect_garbage().map_err(|source| ServeError::Pool {
+        path: cfg.pool.display().to_string(),
+        source,
+    })?;
     let pool_id = pool.pool_id().to_string();
     let backend: Arc<dyn BlockStorage> = Arc::new(pool);
 
@@ -92,7 +97,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let node = if cfg.mode.node() {
         let svc = Arc::new(NodeService::new(
             backend.clone(),
-            Arc::new(LinuxHost::new()),
+            Arc::new(LinuxHost::with_max_concurrent_formats(
+                cfg.max_concurrent_formats,
+            )),
             cfg.node_id.clone(),
             cfg.max_volumes_per_node,
         ));
@@ -118,6 +125,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         pool = %cfg.pool.display(),
         pool_id,
         node_id = cfg.node_id,
+        max_concurrent_formats = cfg.max_concurrent_formats,
         driver = cfg.driver_name,
         version = env!("CARGO_PKG_VERSION"),
         "serving"

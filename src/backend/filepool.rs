@@ -15,8 +15,9 @@
 //! that finds an index without a record finishes the same volume instead of making another.
 //! Delete: index, then image, then record; a retry finishes it.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
+mod gc;
+mod signature;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -204,13 +205,10 @@ impl FilePool {
                 return Ok(());
             }
         }
-        let tmp = super::fsutil::temp_path(&path);
+        let mut tmp = super::fsutil::temp_path(&path);
         let res = (|| {
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
+            let (f, t) = super::fsutil::create_temp(&path)?;
+            tmp = t;
             f.set_len(size)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)
@@ -316,6 +314,7 @@ impl BlockStorage for FilePool {
                     volume_id: id.clone(),
                 };
                 write_atomic(&index_path, &to_json(&index)?)?;
+                crate::faults::point("create.after_index");
                 id
             }
         };
@@ -333,6 +332,7 @@ impl BlockStorage for FilePool {
         };
         let made = self
             .make_image(&id, size)
+            .inspect(|()| crate::faults::point("create.after_image"))
             .and_then(|()| self.store(&volume));
         if let Err(e) = made {
             // Nothing was handed out yet: undo everything so no half volume stays behind.
@@ -341,6 +341,7 @@ impl BlockStorage for FilePool {
             let _ = remove_if_exists(&index_path);
             return Err(e);
         }
+        crate::faults::point("create.after_record");
         Ok(volume)
     }
 
@@ -367,8 +368,10 @@ impl BlockStorage for FilePool {
             }
             name_lock.remove()?;
         }
+        crate::faults::point("delete.after_index");
         remove_if_exists(&self.image(id))?;
         sync_dir(&self.root.join("volumes"))?;
+        crate::faults::point("delete.after_image");
         remove_if_exists(&self.record(id))?;
         sync_dir(&self.root.join("meta/volumes"))?;
         lock.remove()
@@ -440,11 +443,15 @@ impl BlockStorage for FilePool {
             .attachments
             .insert(node.to_string(), attachment.clone());
         self.store(&volume)?;
+        crate::faults::point("attach.after_store");
         Ok(volume)
     }
 
     fn detach(&self, id: &str, node: &str) -> Result<()> {
-        match self.update(id, |v| Ok(v.attachments.remove(node).is_some())) {
+        match self
+            .update(id, |v| Ok(v.attachments.remove(node).is_some()))
+            .inspect(|_| crate::faults::point("detach.after_store"))
+        {
             Ok(_) | Err(Error::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -506,6 +513,9 @@ impl BlockStorage for FilePool {
     }
 
     fn health(&self, volume: &Volume) -> Health {
+        if let Some(message) = signature::lost_filesystem(&self.image(&volume.id), volume) {
+            return Health { abnormal: true, message };
+        }
         match std::fs::metadata(self.image(&volume.id)) {
             Ok(meta) if meta.len() == volume.capacity_bytes => Health {
                 abnormal: false,
