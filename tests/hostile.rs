@@ -102,11 +102,32 @@ struct Run {
     sb: Sandbox,
     driver: Driver,
     c: Client,
-    outside: tempfile::TempDir,
+    outside: Outside,
     outside_before: Vec<String>,
     mounts_before: usize,
     cases: usize,
     messages: Vec<String>,
+}
+
+/// The directory symlinks point at. Should a case ever mount over it, it is unmounted before
+/// the directory is removed, so a failing run does not leave the machine dirty.
+struct Outside(tempfile::TempDir);
+
+impl Outside {
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let me = self.0.path().display().to_string();
+        let mut mine: Vec<String> = all_mounts().into_iter().filter(|m| m.starts_with(&me)).collect();
+        mine.reverse();
+        for m in mine {
+            let _ = nix::mount::umount2(Path::new(&m), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
 }
 
 fn all_mounts() -> Vec<String> {
@@ -123,10 +144,12 @@ impl Run {
         let sb = Sandbox::new();
         let driver = Driver::all(&sb);
         let c = driver.client().await;
-        let outside = tempfile::Builder::new()
-            .prefix("blockcsi-outside-")
-            .tempdir()
-            .unwrap();
+        let outside = Outside(
+            tempfile::Builder::new()
+                .prefix("blockcsi-outside-")
+                .tempdir()
+                .unwrap(),
+        );
         std::fs::create_dir(outside.path().join("dir")).unwrap();
         std::fs::create_dir(outside.path().join("empty")).unwrap();
         std::fs::write(outside.path().join("dir/file"), b"outside data").unwrap();
