@@ -253,7 +253,14 @@ impl NodeService {
         req: &StageRequest,
         dev: &LoopDevice,
     ) -> Result<()> {
-        let fs = match self.host.probe(&dev.path) {
+        let probe = match self.redo_interrupted_format(volume, req, dev)? {
+            Some(fs) => Ok(Probe::Filesystem {
+                fs_type: fs.as_str().to_string(),
+                uuid: None,
+            }),
+            None => self.host.probe(&dev.path),
+        };
+        let fs = match probe {
             Err(e) => {
                 return Err(Error::FailedPrecondition(format!(
                     "cannot tell whether volume {} holds data ({e}); refusing to format it",
@@ -306,6 +313,7 @@ impl NodeService {
                     .and_then(FsType::parse)
                     .unwrap_or(FsType::Ext4);
                 info!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "formatting blank volume");
+                self.backend.record_formatting(&volume.id, fs.as_str())?;
                 self.host.mkfs(&dev.path, fs)?;
                 crate::faults::point("stage.after_mkfs");
                 self.backend.record_filesystem(&volume.id, fs.as_str())?;
@@ -323,6 +331,36 @@ impl NodeService {
         crate::faults::point("stage.after_mount");
         info!(volume_id = %volume.id, path = %req.staging_path.display(), fs = fs.as_str(), "staged");
         Ok(())
+    }
+
+    /// A format this driver started on a volume that was never mounted (`formatting` without
+    /// `filesystem`): the process died during mkfs, and the device may hold a half-written
+    /// filesystem that blkid still recognises but that cannot be mounted. Nothing else ever
+    /// wrote there, so the format is redone rather than adopted or refused (which would leave
+    /// the volume unusable forever).
+    fn redo_interrupted_format(
+        &self,
+        volume: &Volume,
+        req: &StageRequest,
+        dev: &LoopDevice,
+    ) -> Result<Option<FsType>> {
+        let (None, Some(started), false) = (
+            &volume.filesystem,
+            &volume.formatting,
+            volume.used_as_block,
+        ) else {
+            return Ok(None);
+        };
+        let fs = req
+            .capability
+            .fs_type()
+            .or(Some(started.as_str()))
+            .and_then(FsType::parse)
+            .unwrap_or(FsType::Ext4);
+        warn!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "redoing a format that was interrupted");
+        self.host.redo_mkfs(&dev.path, fs)?;
+        crate::faults::point("stage.after_mkfs");
+        Ok(Some(fs))
     }
 
     /// Undoes stage: unmounts the staging path if it holds this volume (or a dead device) and

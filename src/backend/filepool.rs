@@ -329,6 +329,7 @@ impl BlockStorage for FilePool {
             attachments: Default::default(),
             filesystem: None,
             used_as_block: false,
+            formatting: None,
         };
         let made = self
             .make_image(&id, size)
@@ -510,6 +511,16 @@ impl BlockStorage for FilePool {
 
     fn record_block_use(&self, id: &str) -> Result<Volume> {
         self.update(id, |v| Ok(!std::mem::replace(&mut v.used_as_block, true)))
+    }
+
+    fn record_formatting(&self, id: &str, fs_type: &str) -> Result<Volume> {
+        self.update(id, |v| {
+            let changed = v.filesystem.is_none() && v.formatting.as_deref() != Some(fs_type);
+            if changed {
+                v.formatting = Some(fs_type.to_string());
+            }
+            Ok(changed)
+        })
     }
 
     fn health(&self, volume: &Volume) -> Health {

@@ -220,6 +220,28 @@ impl Host for LinuxHost {
         .map(drop)
     }
 
+    fn redo_mkfs(&self, device: &Path, fs: FsType) -> Result<()> {
+        let _slot = self
+            .heavy
+            .acquire(&format!("mkfs.{}", fs.as_str()), MKFS_TIMEOUT)?;
+        check_readable(device)?;
+        match fs {
+            FsType::Ext4 => run(
+                "mkfs.ext4",
+                &[
+                    &"-q",
+                    &"-F",
+                    &"-E",
+                    &"lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                    &device,
+                ],
+                MKFS_TIMEOUT,
+            ),
+            FsType::Xfs => run("mkfs.xfs", &[&"-q", &"-f", &"-K", &device], MKFS_TIMEOUT),
+        }
+        .map(drop)
+    }
+
     fn mount(&self, device: &Path, target: &Path, fs: &str, opts: &MountOptions) -> Result<()> {
         let mut flags = MsFlags::from_bits_retain(opts.flags as libc::c_ulong);
         flags.set(MsFlags::MS_RDONLY, opts.read_only);

@@ -53,6 +53,7 @@ mod tests {
             attachments: Default::default(),
             filesystem: fs.map(str::to_string),
             used_as_block: false,
+            formatting: None,
         }
     }
 
