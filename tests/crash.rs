@@ -8,7 +8,7 @@
 //! converges; data fsynced before a crash must read back intact; and after the final teardown
 //! nothing may remain (no image, record, index, loop device or mount).
 //!
-//! `BLOCKCSI_CRASH_KILLS` sets how many kills to survive (default 200), `BLOCKCSI_CRASH_SEED`
+//! `BLOCKCSI_CRASH_KILLS` sets how many kills to survive (default 300), `BLOCKCSI_CRASH_SEED`
 //! the seed. The summary line is `crash: kills survived ...`.
 //!
 //! Adding an operation (snapshot, expand) to the storm is one `Step` variant and one match arm
@@ -597,7 +597,7 @@ async fn storm_of_kills_loses_nothing_and_leaks_nothing() {
     let target_kills: usize = std::env::var("BLOCKCSI_CRASH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(300);
     let seed: u64 = std::env::var("BLOCKCSI_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
