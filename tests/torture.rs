@@ -342,7 +342,7 @@ async fn delete_during_stage_leaves_nothing() {
                 let (mut c, id) = (c.clone(), id.clone());
                 tokio::spawn(async move {
                     // Stagger the delete across the phases of the stage.
-                    tokio::time::sleep(Duration::from_millis(round * 3)).await;
+                    tokio::time::sleep(Duration::from_millis(round * 8)).await;
                     let res = until_not_aborted!("controller unpublish", c.controller.controller_unpublish_volume(
                         pb::ControllerUnpublishVolumeRequest {
                             volume_id: id.clone(),
