@@ -344,11 +344,9 @@ impl NodeService {
         req: &StageRequest,
         dev: &LoopDevice,
     ) -> Result<Option<FsType>> {
-        let (None, Some(started), false) = (
-            &volume.filesystem,
-            &volume.formatting,
-            volume.used_as_block,
-        ) else {
+        let (None, Some(started), false) =
+            (&volume.filesystem, &volume.formatting, volume.used_as_block)
+        else {
             return Ok(None);
         };
         let fs = req

@@ -225,7 +225,11 @@ impl Harness {
             "orphan images after reconciliation: {:?}",
             f.images.difference(&f.records).collect::<Vec<_>>()
         );
-        assert!(f.temps.is_empty(), "temp files after reconciliation: {:?}", f.temps);
+        assert!(
+            f.temps.is_empty(),
+            "temp files after reconciliation: {:?}",
+            f.temps
+        );
         assert!(
             f.indexed.is_subset(&f.records),
             "unfinished creates after reconciliation: {:?}",
@@ -322,7 +326,8 @@ impl Harness {
                 if matches!(s.phase, Phase::Calm) {
                     return;
                 }
-                if matches!(s.phase, Phase::Random) && s.driver.child.try_wait().unwrap().is_none() {
+                if matches!(s.phase, Phase::Random) && s.driver.child.try_wait().unwrap().is_none()
+                {
                     let pid = nix::unistd::Pid::from_raw(s.driver.child.id() as i32);
                     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 }
@@ -396,7 +401,11 @@ impl Vol {
         let cap = self.cap();
         match step {
             Step::Create => {
-                let size = if self.kind == Kind::Xfs { 300 * MIB } else { 32 * MIB };
+                let size = if self.kind == Kind::Xfs {
+                    300 * MIB
+                } else {
+                    32 * MIB
+                };
                 let v = c
                     .controller
                     .create_volume(pb::CreateVolumeRequest {
@@ -426,7 +435,10 @@ impl Vol {
                     .await?;
             }
             Step::Stage => c.stage(&self.id, &self.staging, &cap).await?,
-            Step::Publish => c.publish(&self.id, &self.staging, &self.target, &cap).await?,
+            Step::Publish => {
+                c.publish(&self.id, &self.staging, &self.target, &cap)
+                    .await?
+            }
             Step::Unpublish => {
                 c.node
                     .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
@@ -469,7 +481,10 @@ impl Vol {
     fn write_data(&self) {
         use std::io::{Seek, SeekFrom, Write};
         if self.kind == Kind::Block {
-            let mut dev = std::fs::OpenOptions::new().write(true).open(&self.target).unwrap();
+            let mut dev = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.target)
+                .unwrap();
             dev.seek(SeekFrom::Start(BLOCK_DATA_OFFSET)).unwrap();
             dev.write_all(&self.data).unwrap();
             dev.sync_all().unwrap();
@@ -490,7 +505,12 @@ impl Vol {
             std::fs::read(Path::new(&self.target).join("data"))
                 .unwrap_or_else(|e| panic!("{} ({}): data file: {e}", self.name, self.id))
         };
-        assert!(got == self.data, "{} ({}): data changed across crashes", self.name, self.id);
+        assert!(
+            got == self.data,
+            "{} ({}): data changed across crashes",
+            self.name,
+            self.id
+        );
     }
 }
 
@@ -586,7 +606,11 @@ impl Harness {
             }
             // Deleted means gone from the pool.
             let f = pool_files(&self.sb);
-            assert!(!f.records.contains(&vol.id) && !f.images.contains(&vol.id), "{}", vol.id);
+            assert!(
+                !f.records.contains(&vol.id) && !f.images.contains(&vol.id),
+                "{}",
+                vol.id
+            );
             self.state.lock().await.tally.lifecycles += 1;
         }
     }
@@ -662,7 +686,10 @@ async fn storm_of_kills_loses_nothing_and_leaks_nothing() {
     let log = s.driver.log_text();
     assert!(!log.contains("panicked"), "{log}");
     let elapsed = started.elapsed();
-    let missed: Vec<_> = faults::ALL.iter().filter(|p| !t.points.contains_key(**p)).collect();
+    let missed: Vec<_> = faults::ALL
+        .iter()
+        .filter(|p| !t.points.contains_key(**p))
+        .collect();
     assert!(missed.is_empty(), "fault points never reached: {missed:?}");
     assert!(t.kills >= target_kills, "{t:?}");
     println!(
@@ -708,16 +735,33 @@ fn interrupted_format_is_redone_and_finished_one_never_is() {
     };
     // (what the half-written device probes as, whether the filesystem was recorded)
     let cases: Vec<(&str, Option<Probe>, bool, bool)> = vec![
-        ("half-made xfs that blkid recognises", Some(Probe::Filesystem { fs_type: "xfs".into(), uuid: None }), false, true),
+        (
+            "half-made xfs that blkid recognises",
+            Some(Probe::Filesystem {
+                fs_type: "xfs".into(),
+                uuid: None,
+            }),
+            false,
+            true,
+        ),
         ("signature not written yet", Some(Probe::Blank), false, true),
         ("probe error on a torn superblock", None, false, true),
-        ("finished and mounted before: blank means lost data", Some(Probe::Blank), true, false),
+        (
+            "finished and mounted before: blank means lost data",
+            Some(Probe::Blank),
+            true,
+            false,
+        ),
     ];
     for (what, probe, recorded, redo) in cases {
         let dir = tempfile::tempdir().unwrap();
         let pool = Arc::new(FilePool::open(&dir.path().join("pool")).unwrap());
-        pool.register_node(&Node { id: "n1".into(), max_volumes: 0, registered: Timestamp::now() })
-            .unwrap();
+        pool.register_node(&Node {
+            id: "n1".into(),
+            max_volumes: 0,
+            registered: Timestamp::now(),
+        })
+        .unwrap();
         let host = Arc::new(FakeHost::new());
         let node = NodeService::new(pool.clone(), host.clone(), "n1".into(), 0);
         let v = pool
@@ -730,7 +774,15 @@ fn interrupted_format_is_redone_and_finished_one_never_is() {
                 parameters: Default::default(),
             })
             .unwrap();
-        pool.attach(&v.id, "n1", &Attachment { read_only: false, capability: cap.clone() }).unwrap();
+        pool.attach(
+            &v.id,
+            "n1",
+            &Attachment {
+                read_only: false,
+                capability: cap.clone(),
+            },
+        )
+        .unwrap();
         pool.record_formatting(&v.id, "xfs").unwrap();
         if recorded {
             pool.record_filesystem(&v.id, "xfs").unwrap();
@@ -742,14 +794,26 @@ fn interrupted_format_is_redone_and_finished_one_never_is() {
         }
         let staging = dir.path().join("staging");
         std::fs::create_dir(&staging).unwrap();
-        let res = node.stage(&StageRequest { volume_id: v.id.clone(), staging_path: staging, capability: cap.clone() });
+        let res = node.stage(&StageRequest {
+            volume_id: v.id.clone(),
+            staging_path: staging,
+            capability: cap.clone(),
+        });
         assert_eq!(res.is_ok(), redo, "{what}: {res:?}");
         assert_eq!(host.count("mkfs"), usize::from(redo), "{what}");
         if redo {
-            assert_eq!(pool.volume(&v.id).unwrap().filesystem.as_deref(), Some("xfs"), "{what}");
+            assert_eq!(
+                pool.volume(&v.id).unwrap().filesystem.as_deref(),
+                Some("xfs"),
+                "{what}"
+            );
             assert_eq!(host.count("mount"), 1, "{what}");
         } else {
-            assert_eq!(host.loop_devices().unwrap().len(), 0, "{what}: detached again");
+            assert_eq!(
+                host.loop_devices().unwrap().len(),
+                0,
+                "{what}: detached again"
+            );
         }
     }
 }

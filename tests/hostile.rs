@@ -86,7 +86,10 @@ fn snapshot(dir: &Path) -> Vec<String> {
                 out.push(format!("{rel}/"));
                 stack.push(p);
             } else if meta.file_type().is_symlink() {
-                out.push(format!("{rel} -> {}", std::fs::read_link(&p).unwrap().display()));
+                out.push(format!(
+                    "{rel} -> {}",
+                    std::fs::read_link(&p).unwrap().display()
+                ));
             } else {
                 out.push(format!("{rel} {:?}", std::fs::read(&p).unwrap()));
             }
@@ -122,7 +125,10 @@ impl Outside {
 impl Drop for Outside {
     fn drop(&mut self) {
         let me = self.0.path().display().to_string();
-        let mut mine: Vec<String> = all_mounts().into_iter().filter(|m| m.starts_with(&me)).collect();
+        let mut mine: Vec<String> = all_mounts()
+            .into_iter()
+            .filter(|m| m.starts_with(&me))
+            .collect();
         mine.reverse();
         for m in mine {
             let _ = nix::mount::umount2(Path::new(&m), nix::mount::MntFlags::MNT_DETACH);
@@ -173,12 +179,21 @@ impl Run {
     }
 
     /// Checks one answer against the codes the spec allows, then that the driver still serves.
-    async fn case<T>(&mut self, what: &str, res: Result<Response<T>, Status>, want: &[Code]) -> Option<T> {
+    async fn case<T>(
+        &mut self,
+        what: &str,
+        res: Result<Response<T>, Status>,
+        want: &[Code],
+    ) -> Option<T> {
         self.cases += 1;
         let what = blockcsi::error::clip(what, 120);
         let got = match res {
             Ok(r) => {
-                assert!(want.contains(&Code::Ok), "{}: {what}: got OK, want {want:?}", self.group);
+                assert!(
+                    want.contains(&Code::Ok),
+                    "{}: {what}: got OK, want {want:?}",
+                    self.group
+                );
                 Some(r.into_inner())
             }
             Err(s) => {
@@ -189,7 +204,11 @@ impl Run {
                     s.code(),
                     blockcsi::error::clip(s.message(), 300)
                 );
-                assert!(s.message().len() <= 4096, "{what}: a {} byte message", s.message().len());
+                assert!(
+                    s.message().len() <= 4096,
+                    "{what}: a {} byte message",
+                    s.message().len()
+                );
                 self.messages.push(s.message().to_string());
                 None
             }
@@ -234,16 +253,37 @@ impl Run {
         }
         self.alive("teardown").await;
         let log = self.driver.log_text();
-        assert!(!log.contains("panicked"), "{}: the driver panicked: {log}", self.group);
-        assert!(!log.contains(MARKER), "{}: a secret reached the log", self.group);
+        assert!(
+            !log.contains("panicked"),
+            "{}: the driver panicked: {log}",
+            self.group
+        );
+        assert!(
+            !log.contains(MARKER),
+            "{}: a secret reached the log",
+            self.group
+        );
         for m in &self.messages {
-            assert!(!m.contains(MARKER), "{}: a secret reached an error: {m}", self.group);
+            assert!(
+                !m.contains(MARKER),
+                "{}: a secret reached an error: {m}",
+                self.group
+            );
         }
         // The longest log line stays bounded even with megabyte fields.
         let longest = log.lines().map(str::len).max().unwrap_or(0);
-        assert!(longest < 16 * 1024, "{}: a {longest} byte log line", self.group);
+        assert!(
+            longest < 16 * 1024,
+            "{}: a {longest} byte log line",
+            self.group
+        );
         assert!(self.driver.stop().success());
-        assert_eq!(snapshot(self.outside.path()), self.outside_before, "{}: outside changed", self.group);
+        assert_eq!(
+            snapshot(self.outside.path()),
+            self.outside_before,
+            "{}: outside changed",
+            self.group
+        );
         let outside = self.outside.path().display().to_string();
         assert!(
             !all_mounts().iter().any(|m| m.starts_with(&outside)),
@@ -251,7 +291,12 @@ impl Run {
             self.group
         );
         self.sb.assert_no_leaks();
-        assert_eq!(all_mounts().len(), self.mounts_before, "{}: mount table changed", self.group);
+        assert_eq!(
+            all_mounts().len(),
+            self.mounts_before,
+            "{}: mount table changed",
+            self.group
+        );
         println!("hostile: {}: {} cases", self.group, self.cases);
         self.cases
     }
@@ -261,15 +306,17 @@ impl Run {
 async fn names_sizes_and_capabilities() {
     let mut r = Run::new("names-sizes-capabilities").await;
     let mut ctl = r.c.controller.clone();
-    let create = |name: &str, required: i64, limit: i64, cap: pb::VolumeCapability| pb::CreateVolumeRequest {
-        name: name.to_string(),
-        capacity_range: Some(pb::CapacityRange {
-            required_bytes: required,
-            limit_bytes: limit,
-        }),
-        volume_capabilities: vec![cap],
-        secrets: secrets(),
-        ..Default::default()
+    let create = |name: &str, required: i64, limit: i64, cap: pb::VolumeCapability| {
+        pb::CreateVolumeRequest {
+            name: name.to_string(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: required,
+                limit_bytes: limit,
+            }),
+            volume_capabilities: vec![cap],
+            secrets: secrets(),
+            ..Default::default()
+        }
     };
     let cap = mount_cap("ext4");
 
@@ -285,12 +332,16 @@ async fn names_sizes_and_capabilities() {
     ];
     for name in &good_names {
         let res = ctl.create_volume(create(name, MIB, 0, cap.clone())).await;
-        let v = r.case(&format!("create name {name:?}"), res, &[Code::Ok]).await;
+        let v = r
+            .case(&format!("create name {name:?}"), res, &[Code::Ok])
+            .await;
         let id = v.unwrap().volume.unwrap().volume_id;
         assert!(blockcsi::backend::filepool::is_volume_id(&id), "{id}");
         // Idempotent under the same odd name.
         let res = ctl.create_volume(create(name, MIB, 0, cap.clone())).await;
-        let again = r.case(&format!("repeat name {name:?}"), res, &[Code::Ok]).await;
+        let again = r
+            .case(&format!("repeat name {name:?}"), res, &[Code::Ok])
+            .await;
         assert_eq!(again.unwrap().volume.unwrap().volume_id, id);
     }
     let bad_names = [
@@ -305,7 +356,12 @@ async fn names_sizes_and_capabilities() {
     ];
     for name in &bad_names {
         let res = ctl.create_volume(create(name, MIB, 0, cap.clone())).await;
-        r.case(&format!("create name {name:?}"), res, &[Code::InvalidArgument]).await;
+        r.case(
+            &format!("create name {name:?}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
     }
 
     // Sizes at the int64 limits.
@@ -327,11 +383,20 @@ async fn names_sizes_and_capabilities() {
         let res = ctl
             .create_volume(create(&format!("size-{i}"), required, limit, cap.clone()))
             .await;
-        r.case(&format!("size required={required} limit={limit}"), res, &[want]).await;
+        r.case(
+            &format!("size required={required} limit={limit}"),
+            res,
+            &[want],
+        )
+        .await;
     }
     // A huge limit with a small request is fine and exact.
-    let res = ctl.create_volume(create("size-ok", MIB, i64::MAX, cap.clone())).await;
-    let v = r.case("size required=1MiB limit=i64::MAX", res, &[Code::Ok]).await;
+    let res = ctl
+        .create_volume(create("size-ok", MIB, i64::MAX, cap.clone()))
+        .await;
+    let v = r
+        .case("size required=1MiB limit=i64::MAX", res, &[Code::Ok])
+        .await;
     assert_eq!(v.unwrap().volume.unwrap().capacity_bytes, MIB);
 
     // fs types and mount flags that try to smuggle options or commands.
@@ -347,8 +412,11 @@ async fn names_sizes_and_capabilities() {
         "e".repeat(MIB_TEXT),
     ];
     for fs in &fs_types {
-        let res = ctl.create_volume(create("fs", MIB, 0, cap_with(fs, &[]))).await;
-        r.case(&format!("fs_type {fs:?}"), res, &[Code::InvalidArgument]).await;
+        let res = ctl
+            .create_volume(create("fs", MIB, 0, cap_with(fs, &[])))
+            .await;
+        r.case(&format!("fs_type {fs:?}"), res, &[Code::InvalidArgument])
+            .await;
     }
     let long_flag = "o".repeat(MIB_TEXT);
     let flags: Vec<Vec<&str>> = vec![
@@ -372,8 +440,15 @@ async fn names_sizes_and_capabilities() {
         vec![long_flag.as_str()],
     ];
     for f in &flags {
-        let res = ctl.create_volume(create("flags", MIB, 0, cap_with("ext4", f))).await;
-        let what = format!("mount flags {:?}", f.iter().map(|s| blockcsi::error::clip(s, 40)).collect::<Vec<_>>());
+        let res = ctl
+            .create_volume(create("flags", MIB, 0, cap_with("ext4", f)))
+            .await;
+        let what = format!(
+            "mount flags {:?}",
+            f.iter()
+                .map(|s| blockcsi::error::clip(s, 40))
+                .collect::<Vec<_>>()
+        );
         r.case(&what, res, &[Code::InvalidArgument]).await;
     }
     // Access modes outside the enum.
@@ -381,7 +456,12 @@ async fn names_sizes_and_capabilities() {
         let mut c = mount_cap("ext4");
         c.access_mode = Some(pb::volume_capability::AccessMode { mode });
         let res = ctl.create_volume(create("mode", MIB, 0, c)).await;
-        r.case(&format!("access mode {mode}"), res, &[Code::InvalidArgument]).await;
+        r.case(
+            &format!("access mode {mode}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
     }
     // Parameters are not secrets, but a value never needs echoing either.
     let mut params = HashMap::new();
@@ -395,16 +475,23 @@ async fn names_sizes_and_capabilities() {
             ..create("params", MIB, 0, cap.clone())
         })
         .await;
-    r.case("10k unknown parameters", res, &[Code::InvalidArgument]).await;
+    r.case("10k unknown parameters", res, &[Code::InvalidArgument])
+        .await;
     // Paging tokens.
-    for token in ["../../etc", "after:../../etc/passwd", "after:vol-XYZ", &"t".repeat(MIB_TEXT)] {
+    for token in [
+        "../../etc",
+        "after:../../etc/passwd",
+        "after:vol-XYZ",
+        &"t".repeat(MIB_TEXT),
+    ] {
         let res = ctl
             .list_volumes(pb::ListVolumesRequest {
                 max_entries: 1,
                 starting_token: token.to_string(),
             })
             .await;
-        r.case(&format!("token {token:?}"), res, &[Code::Aborted]).await;
+        r.case(&format!("token {token:?}"), res, &[Code::Aborted])
+            .await;
     }
     let res = ctl
         .list_volumes(pb::ListVolumesRequest {
@@ -412,7 +499,8 @@ async fn names_sizes_and_capabilities() {
             starting_token: String::new(),
         })
         .await;
-    r.case("max_entries -1", res, &[Code::InvalidArgument]).await;
+    r.case("max_entries -1", res, &[Code::InvalidArgument])
+        .await;
     // Every image in the pool is named by an id, whatever the names were.
     for img in r.sb.images() {
         let id = img.strip_suffix(".img").unwrap_or(&img);
@@ -443,7 +531,8 @@ async fn ids_and_node_ids_on_every_rpc() {
                 secrets: secrets(),
             })
             .await;
-        r.case(&format!("delete {show:?}"), res, &[inv(Code::Ok)]).await;
+        r.case(&format!("delete {show:?}"), res, &[inv(Code::Ok)])
+            .await;
         let res = ctl
             .controller_publish_volume(pb::ControllerPublishVolumeRequest {
                 volume_id: id.clone(),
@@ -453,7 +542,12 @@ async fn ids_and_node_ids_on_every_rpc() {
                 ..Default::default()
             })
             .await;
-        r.case(&format!("controller publish {show:?}"), res, &[inv(Code::NotFound)]).await;
+        r.case(
+            &format!("controller publish {show:?}"),
+            res,
+            &[inv(Code::NotFound)],
+        )
+        .await;
         let res = ctl
             .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
                 volume_id: id.clone(),
@@ -461,7 +555,12 @@ async fn ids_and_node_ids_on_every_rpc() {
                 secrets: secrets(),
             })
             .await;
-        r.case(&format!("controller unpublish {show:?}"), res, &[inv(Code::Ok)]).await;
+        r.case(
+            &format!("controller unpublish {show:?}"),
+            res,
+            &[inv(Code::Ok)],
+        )
+        .await;
         let res = ctl
             .validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
                 volume_id: id.clone(),
@@ -470,11 +569,15 @@ async fn ids_and_node_ids_on_every_rpc() {
                 ..Default::default()
             })
             .await;
-        r.case(&format!("validate {show:?}"), res, &[inv(Code::NotFound)]).await;
-        let res = ctl
-            .controller_get_volume(pb::ControllerGetVolumeRequest { volume_id: id.clone() })
+        r.case(&format!("validate {show:?}"), res, &[inv(Code::NotFound)])
             .await;
-        r.case(&format!("get volume {show:?}"), res, &[inv(Code::NotFound)]).await;
+        let res = ctl
+            .controller_get_volume(pb::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await;
+        r.case(&format!("get volume {show:?}"), res, &[inv(Code::NotFound)])
+            .await;
         let res = node
             .node_stage_volume(pb::NodeStageVolumeRequest {
                 volume_id: id.clone(),
@@ -484,14 +587,16 @@ async fn ids_and_node_ids_on_every_rpc() {
                 ..Default::default()
             })
             .await;
-        r.case(&format!("stage {show:?}"), res, &[inv(Code::NotFound)]).await;
+        r.case(&format!("stage {show:?}"), res, &[inv(Code::NotFound)])
+            .await;
         let res = node
             .node_unstage_volume(pb::NodeUnstageVolumeRequest {
                 volume_id: id.clone(),
                 staging_target_path: staging.clone(),
             })
             .await;
-        r.case(&format!("unstage {show:?}"), res, &[inv(Code::NotFound)]).await;
+        r.case(&format!("unstage {show:?}"), res, &[inv(Code::NotFound)])
+            .await;
         let res = node
             .node_publish_volume(pb::NodePublishVolumeRequest {
                 volume_id: id.clone(),
@@ -502,14 +607,16 @@ async fn ids_and_node_ids_on_every_rpc() {
                 ..Default::default()
             })
             .await;
-        r.case(&format!("publish {show:?}"), res, &[inv(Code::NotFound)]).await;
+        r.case(&format!("publish {show:?}"), res, &[inv(Code::NotFound)])
+            .await;
         let res = node
             .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
                 volume_id: id.clone(),
                 target_path: target.clone(),
             })
             .await;
-        r.case(&format!("unpublish {show:?}"), res, &[inv(Code::NotFound)]).await;
+        r.case(&format!("unpublish {show:?}"), res, &[inv(Code::NotFound)])
+            .await;
         let res = node
             .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
                 volume_id: id.clone(),
@@ -517,7 +624,8 @@ async fn ids_and_node_ids_on_every_rpc() {
                 ..Default::default()
             })
             .await;
-        r.case(&format!("stats {show:?}"), res, &[inv(Code::NotFound)]).await;
+        r.case(&format!("stats {show:?}"), res, &[inv(Code::NotFound)])
+            .await;
     }
     // Node ids never name a file either.
     let mut nodes = vec![
@@ -531,7 +639,11 @@ async fn ids_and_node_ids_on_every_rpc() {
     ];
     nodes.push(String::new());
     for n in &nodes {
-        let want = if n.is_empty() { Code::InvalidArgument } else { Code::NotFound };
+        let want = if n.is_empty() {
+            Code::InvalidArgument
+        } else {
+            Code::NotFound
+        };
         let res = ctl
             .controller_publish_volume(pb::ControllerPublishVolumeRequest {
                 volume_id: real.clone(),
@@ -541,7 +653,12 @@ async fn ids_and_node_ids_on_every_rpc() {
                 ..Default::default()
             })
             .await;
-        r.case(&format!("node id {:?}", blockcsi::error::clip(n, 48)), res, &[want]).await;
+        r.case(
+            &format!("node id {:?}", blockcsi::error::clip(n, 48)),
+            res,
+            &[want],
+        )
+        .await;
         let res = ctl
             .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
                 volume_id: real.clone(),
@@ -550,13 +667,23 @@ async fn ids_and_node_ids_on_every_rpc() {
             })
             .await;
         // An empty node id means "from every node"; the others are simply not attached.
-        r.case(&format!("unpublish node id {:?}", blockcsi::error::clip(n, 48)), res, &[Code::Ok]).await;
+        r.case(
+            &format!("unpublish node id {:?}", blockcsi::error::clip(n, 48)),
+            res,
+            &[Code::Ok],
+        )
+        .await;
     }
     // The volume was unpublished from every node by the empty node id above: still intact.
     let res = ctl
-        .controller_get_volume(pb::ControllerGetVolumeRequest { volume_id: real.clone() })
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: real.clone(),
+        })
         .await;
-    let v = r.case("real volume intact", res, &[Code::Ok]).await.unwrap();
+    let v = r
+        .case("real volume intact", res, &[Code::Ok])
+        .await
+        .unwrap();
     assert!(!v.status.unwrap().volume_condition.unwrap().abnormal);
     assert_eq!(r.sb.images().len(), 1);
     r.finish().await;
@@ -580,38 +707,65 @@ async fn paths_and_symlinks_never_lead_outside() {
         secrets: secrets(),
         ..Default::default()
     };
-    let publish_req = |vid: &str, st: &str, target: &str, c: &pb::VolumeCapability| pb::NodePublishVolumeRequest {
-        volume_id: vid.to_string(),
-        staging_target_path: st.to_string(),
-        target_path: target.to_string(),
-        volume_capability: Some(c.clone()),
-        secrets: secrets(),
-        ..Default::default()
+    let publish_req = |vid: &str, st: &str, target: &str, c: &pb::VolumeCapability| {
+        pb::NodePublishVolumeRequest {
+            volume_id: vid.to_string(),
+            staging_target_path: st.to_string(),
+            target_path: target.to_string(),
+            volume_capability: Some(c.clone()),
+            secrets: secrets(),
+            ..Default::default()
+        }
     };
 
     // Malformed paths on every node RPC that takes one.
     for p in bad_paths(&r.sb) {
         let show = blockcsi::error::clip(&p, 48).into_owned();
         let res = node.node_stage_volume(stage_req(&id, &p, &cap)).await;
-        r.case(&format!("stage at {show:?}"), res, &[Code::InvalidArgument]).await;
+        r.case(&format!("stage at {show:?}"), res, &[Code::InvalidArgument])
+            .await;
         let res = node
             .node_unstage_volume(pb::NodeUnstageVolumeRequest {
                 volume_id: id.clone(),
                 staging_target_path: p.clone(),
             })
             .await;
-        r.case(&format!("unstage at {show:?}"), res, &[Code::InvalidArgument]).await;
-        let res = node.node_publish_volume(publish_req(&id, &staging, &p, &cap)).await;
-        r.case(&format!("publish to {show:?}"), res, &[Code::InvalidArgument]).await;
-        let res = node.node_publish_volume(publish_req(&id, &p, &format!("{pods}/t"), &cap)).await;
-        r.case(&format!("publish from {show:?}"), res, &[Code::InvalidArgument]).await;
+        r.case(
+            &format!("unstage at {show:?}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
+        let res = node
+            .node_publish_volume(publish_req(&id, &staging, &p, &cap))
+            .await;
+        r.case(
+            &format!("publish to {show:?}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
+        let res = node
+            .node_publish_volume(publish_req(&id, &p, &format!("{pods}/t"), &cap))
+            .await;
+        r.case(
+            &format!("publish from {show:?}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
         let res = node
             .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
                 volume_id: id.clone(),
                 target_path: p.clone(),
             })
             .await;
-        r.case(&format!("unpublish {show:?}"), res, &[Code::InvalidArgument]).await;
+        r.case(
+            &format!("unpublish {show:?}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
         let res = node
             .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
                 volume_id: id.clone(),
@@ -619,10 +773,12 @@ async fn paths_and_symlinks_never_lead_outside() {
                 ..Default::default()
             })
             .await;
-        r.case(&format!("stats {show:?}"), res, &[Code::NotFound]).await;
+        r.case(&format!("stats {show:?}"), res, &[Code::NotFound])
+            .await;
     }
     let res = node.node_stage_volume(stage_req(&id, "", &cap)).await;
-    r.case("stage without a path", res, &[Code::InvalidArgument]).await;
+    r.case("stage without a path", res, &[Code::InvalidArgument])
+        .await;
 
     // Symbolic links: at the path itself, above it, dangling, to a directory or a file outside.
     let to_dir = link(&r.sb, "link-dir", &r.out("dir"));
@@ -634,47 +790,111 @@ async fn paths_and_symlinks_never_lead_outside() {
     let new_under_link = format!("{above}/new");
     for p in [&to_dir, &to_empty, &dangling, &under_link, &new_under_link] {
         let res = node.node_stage_volume(stage_req(&id, p, &cap)).await;
-        r.case(&format!("stage at symlink {p}"), res, &[Code::InvalidArgument]).await;
+        r.case(
+            &format!("stage at symlink {p}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
         let res = node.node_stage_volume(stage_req(&bid, p, &bcap)).await;
-        r.case(&format!("block stage at symlink {p}"), res, &[Code::InvalidArgument]).await;
+        r.case(
+            &format!("block stage at symlink {p}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
         let res = node
             .node_unstage_volume(pb::NodeUnstageVolumeRequest {
                 volume_id: id.clone(),
                 staging_target_path: p.clone(),
             })
             .await;
-        r.case(&format!("unstage at symlink {p}"), res, &[Code::InvalidArgument]).await;
+        r.case(
+            &format!("unstage at symlink {p}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
     }
-    assert!(r.sb.loops().is_empty(), "a refused stage left a device: {:?}", r.sb.loops());
+    assert!(
+        r.sb.loops().is_empty(),
+        "a refused stage left a device: {:?}",
+        r.sb.loops()
+    );
 
     // Now really staged, then publish to links.
     r.c.stage(&id, &staging, &cap).await.unwrap();
     r.c.stage(&bid, &bstaging, &bcap).await.unwrap();
-    for p in [&to_dir, &to_empty, &to_file, &dangling, &under_link, &new_under_link] {
-        let res = node.node_publish_volume(publish_req(&id, &staging, p, &cap)).await;
-        r.case(&format!("publish to symlink {p}"), res, &[Code::InvalidArgument]).await;
-        let res = node.node_publish_volume(publish_req(&bid, &bstaging, p, &bcap)).await;
-        r.case(&format!("block publish to symlink {p}"), res, &[Code::InvalidArgument]).await;
+    for p in [
+        &to_dir,
+        &to_empty,
+        &to_file,
+        &dangling,
+        &under_link,
+        &new_under_link,
+    ] {
+        let res = node
+            .node_publish_volume(publish_req(&id, &staging, p, &cap))
+            .await;
+        r.case(
+            &format!("publish to symlink {p}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
+        let res = node
+            .node_publish_volume(publish_req(&bid, &bstaging, p, &bcap))
+            .await;
+        r.case(
+            &format!("block publish to symlink {p}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
         let res = node
             .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
                 volume_id: id.clone(),
                 target_path: p.clone(),
             })
             .await;
-        r.case(&format!("unpublish symlink {p}"), res, &[Code::InvalidArgument]).await;
+        r.case(
+            &format!("unpublish symlink {p}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
     }
     // A staging path given through a link is refused even though it leads to the real one.
     let staging_link = link(&r.sb, "link-staging", Path::new(&staging));
     let res = node
-        .node_publish_volume(publish_req(&id, &staging_link, &format!("{pods}/via-link"), &cap))
+        .node_publish_volume(publish_req(
+            &id,
+            &staging_link,
+            &format!("{pods}/via-link"),
+            &cap,
+        ))
         .await;
-    r.case("publish from a symlinked staging path", res, &[Code::InvalidArgument]).await;
+    r.case(
+        "publish from a symlinked staging path",
+        res,
+        &[Code::InvalidArgument],
+    )
+    .await;
     // Mount flags on stage are checked too.
-    for f in [["remount"], ["x-mount.mkdir"], ["context=system_u:object_r:etc_t:s0"]] {
+    for f in [
+        ["remount"],
+        ["x-mount.mkdir"],
+        ["context=system_u:object_r:etc_t:s0"],
+    ] {
         let res = node
             .node_stage_volume(stage_req(&id, &staging, &cap_with("ext4", &f)))
             .await;
-        r.case(&format!("stage with flags {f:?}"), res, &[Code::InvalidArgument]).await;
+        r.case(
+            &format!("stage with flags {f:?}"),
+            res,
+            &[Code::InvalidArgument],
+        )
+        .await;
     }
     // Unstaging with the wrong volume id leaves the real mount alone.
     let res = node
@@ -683,7 +903,12 @@ async fn paths_and_symlinks_never_lead_outside() {
             staging_target_path: staging.clone(),
         })
         .await;
-    r.case("unstage another volume's staging path", res, &[Code::FailedPrecondition]).await;
+    r.case(
+        "unstage another volume's staging path",
+        res,
+        &[Code::FailedPrecondition],
+    )
+    .await;
     assert!(r.sb.mounts().contains(&staging));
 
     r.c.unstage(&id, &staging).await;
@@ -718,19 +943,35 @@ async fn wiped_filesystem_is_reported_abnormal() {
     let image = image_of(&r.sb, &id);
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(&image).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
         f.write_all_at(&[0, 0], 1024 + 0x38).unwrap();
         f.sync_all().unwrap();
     }
     let res = ctl
-        .controller_get_volume(pb::ControllerGetVolumeRequest { volume_id: id.clone() })
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        })
         .await;
-    let v = r.case("get volume after wipe", res, &[Code::Ok]).await.unwrap();
+    let v = r
+        .case("get volume after wipe", res, &[Code::Ok])
+        .await
+        .unwrap();
     let cond = v.status.unwrap().volume_condition.unwrap();
-    assert!(cond.abnormal && cond.message.contains("data may be at risk"), "{cond:?}");
+    assert!(
+        cond.abnormal && cond.message.contains("data may be at risk"),
+        "{cond:?}"
+    );
     let res = ctl.list_volumes(pb::ListVolumesRequest::default()).await;
     let l = r.case("list after wipe", res, &[Code::Ok]).await.unwrap();
-    let cond = l.entries[0].status.clone().unwrap().volume_condition.unwrap();
+    let cond = l.entries[0]
+        .status
+        .clone()
+        .unwrap()
+        .volume_condition
+        .unwrap();
     assert!(cond.abnormal, "{cond:?}");
     let res = node
         .node_stage_volume(pb::NodeStageVolumeRequest {
@@ -741,7 +982,8 @@ async fn wiped_filesystem_is_reported_abnormal() {
             ..Default::default()
         })
         .await;
-    r.case("stage after wipe", res, &[Code::FailedPrecondition]).await;
+    r.case("stage after wipe", res, &[Code::FailedPrecondition])
+        .await;
     assert!(r.sb.loops().is_empty() && r.sb.mounts().is_empty());
     r.finish().await;
 }

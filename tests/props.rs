@@ -22,11 +22,8 @@ fn cases() -> u32 {
 }
 
 /// Runs one property for the configured number of cases and counts the executions.
-fn check<S: Strategy>(
-    name: &str,
-    strategy: S,
-    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
-) where
+fn check<S: Strategy>(name: &str, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
+where
     S::Value: std::fmt::Debug,
 {
     let mut runner = TestRunner::new(Config {
@@ -99,8 +96,9 @@ fn request_paths_are_absolute_normalised_and_stable() {
                         || !input.starts_with('/')
                         || input.contains('\0')
                         || has_parent
-                        || Path::new(&input).components().all(|c| c == Component::RootDir
-                            || c == Component::CurDir),
+                        || Path::new(&input)
+                            .components()
+                            .all(|c| c == Component::RootDir || c == Component::CurDir),
                     "refused a good path {input:?}: {e}"
                 );
             }
@@ -132,15 +130,42 @@ fn names_are_accepted_exactly_when_printable_and_bounded() {
 fn option_token() -> impl Strategy<Value = String> {
     prop_oneof![
         prop::sample::select(vec![
-            "noatime", "nodev", "nosuid", "ro", "rw", "discard", "errors=remount-ro",
-            "data=ordered", "commit=30", "logbsize=256k", "defaults", "lazytime",
+            "noatime",
+            "nodev",
+            "nosuid",
+            "ro",
+            "rw",
+            "discard",
+            "errors=remount-ro",
+            "data=ordered",
+            "commit=30",
+            "logbsize=256k",
+            "defaults",
+            "lazytime",
         ])
         .prop_map(str::to_string),
         prop::sample::select(vec![
-            "remount", "bind", "rbind", "x-mount.mkdir", "context=system_u:object_r:x",
-            "errors=panic", "commit=1;rm", "data=evil", "commit=", "uid=0", "loop",
-            "upperdir=/etc", "ext4 -o", "ext4;rm", "exec\0", "nodev\n", "commit=99999999999999",
-            "fscontext=x", "x-systemd.automount", "user", "suid",
+            "remount",
+            "bind",
+            "rbind",
+            "x-mount.mkdir",
+            "context=system_u:object_r:x",
+            "errors=panic",
+            "commit=1;rm",
+            "data=evil",
+            "commit=",
+            "uid=0",
+            "loop",
+            "upperdir=/etc",
+            "ext4 -o",
+            "ext4;rm",
+            "exec\0",
+            "nodev\n",
+            "commit=99999999999999",
+            "fscontext=x",
+            "x-systemd.automount",
+            "user",
+            "suid",
         ])
         .prop_map(str::to_string),
         nasty_text(6),
@@ -174,9 +199,9 @@ fn mount_options_never_let_unlisted_text_through() {
             Ok(opts) => {
                 prop_assert!(opts.read_only || !ro);
                 prop_assert!(
-                    opts.data
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"=,_-".contains(&b)),
+                    opts.data.bytes().all(|b| b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || b"=,_-".contains(&b)),
                     "{:?}",
                     opts.data
                 );
@@ -232,7 +257,10 @@ fn capability() -> impl Strategy<Value = pb::VolumeCapability> {
             }))
         }),
     ];
-    let mode = prop_oneof![Just(None), (-2i32..10).prop_map(|mode| Some(AccessMode { mode }))];
+    let mode = prop_oneof![
+        Just(None),
+        (-2i32..10).prop_map(|mode| Some(AccessMode { mode }))
+    ];
     (access, mode).prop_map(|(access_type, access_mode)| pb::VolumeCapability {
         access_type,
         access_mode,
@@ -283,7 +311,9 @@ fn ids_that_pass_are_safe_file_names() {
         if filepool::is_volume_id(&id) {
             prop_assert!(safe_name(&id));
             prop_assert_eq!(id.len(), 36);
-            prop_assert!(id[4..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            prop_assert!(id[4..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         }
         if filepool::is_node_id(&id) {
             prop_assert!(safe_name(&id));
@@ -310,30 +340,39 @@ fn size() -> impl Strategy<Value = u64> {
 
 #[test]
 fn sizes_are_granular_inside_the_range_or_out_of_range() {
-    check("filepool::round_size", (size(), size(), size()), |(required, limit, min)| {
-        let round_up = |n: u64| n.div_ceil(GRANULARITY).saturating_mul(GRANULARITY);
-        let lo = round_up(required.max(min).max(1));
-        let hi = if limit == 0 { MAX_SIZE } else { limit.min(MAX_SIZE) } / GRANULARITY * GRANULARITY;
-        let feasible = (limit == 0 || required <= limit) && lo <= hi;
-        match filepool::round_size(required, limit, min) {
-            Ok(size) => {
-                prop_assert!(feasible);
-                prop_assert_eq!(size % GRANULARITY, 0);
-                prop_assert!(size >= required && size >= min && size > 0);
-                prop_assert!(limit == 0 || size <= limit);
-                prop_assert!(size <= MAX_SIZE);
-                if required != 0 {
-                    // The smallest size that fits, so a request in whole MiB comes back exact.
-                    prop_assert_eq!(size, lo);
+    check(
+        "filepool::round_size",
+        (size(), size(), size()),
+        |(required, limit, min)| {
+            let round_up = |n: u64| n.div_ceil(GRANULARITY).saturating_mul(GRANULARITY);
+            let lo = round_up(required.max(min).max(1));
+            let hi = if limit == 0 {
+                MAX_SIZE
+            } else {
+                limit.min(MAX_SIZE)
+            } / GRANULARITY
+                * GRANULARITY;
+            let feasible = (limit == 0 || required <= limit) && lo <= hi;
+            match filepool::round_size(required, limit, min) {
+                Ok(size) => {
+                    prop_assert!(feasible);
+                    prop_assert_eq!(size % GRANULARITY, 0);
+                    prop_assert!(size >= required && size >= min && size > 0);
+                    prop_assert!(limit == 0 || size <= limit);
+                    prop_assert!(size <= MAX_SIZE);
+                    if required != 0 {
+                        // The smallest size that fits, so a request in whole MiB comes back exact.
+                        prop_assert_eq!(size, lo);
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(!feasible, "refused a feasible range: {e}");
+                    prop_assert!(matches!(e, blockcsi::backend::Error::OutOfRange(_)));
                 }
             }
-            Err(e) => {
-                prop_assert!(!feasible, "refused a feasible range: {e}");
-                prop_assert!(matches!(e, blockcsi::backend::Error::OutOfRange(_)));
-            }
-        }
-        Ok(())
-    });
+            Ok(())
+        },
+    );
 }
 
 /// Path bytes as the kernel has them (anything but NUL and '/') and as it prints them in
@@ -402,17 +441,23 @@ fn mountinfo_round_trips_escaped_paths() {
                 text.extend(mangle(source));
                 text.extend(b" rw,seclabel\n");
             }
-            let got = blockcsi::host::mountinfo::parse_bytes(&text)
-                .map_err(|e| TestCaseError::fail(format!("{e}: {:?}", String::from_utf8_lossy(&text))))?;
+            let got = blockcsi::host::mountinfo::parse_bytes(&text).map_err(|e| {
+                TestCaseError::fail(format!("{e}: {:?}", String::from_utf8_lossy(&text)))
+            })?;
             prop_assert_eq!(got.len(), entries.len());
-            for (g, (id, parent, (major, minor), root, point, _, fs, source, ro)) in got.iter().zip(&entries) {
+            for (g, (id, parent, (major, minor), root, point, _, fs, source, ro)) in
+                got.iter().zip(&entries)
+            {
                 prop_assert_eq!(g.mount_id, *id);
                 prop_assert_eq!(g.parent_id, *parent);
                 prop_assert_eq!((g.dev.major, g.dev.minor), (*major, *minor));
                 prop_assert_eq!(g.root.as_os_str().as_bytes(), &root[..]);
                 prop_assert_eq!(g.mount_point.as_os_str().as_bytes(), &point[..]);
                 prop_assert_eq!(&g.fs_type, fs);
-                prop_assert_eq!(g.source.clone(), String::from_utf8_lossy(source).into_owned());
+                prop_assert_eq!(
+                    g.source.clone(),
+                    String::from_utf8_lossy(source).into_owned()
+                );
                 prop_assert_eq!(g.read_only(), *ro);
             }
             Ok(())

@@ -21,7 +21,10 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(300);
 static CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// One call with a deadline; a call that does not answer is a deadlock.
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Result<T, tonic::Status> {
+async fn bounded<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
     CALLS.fetch_add(1, Ordering::Relaxed);
     tokio::time::timeout(CALL_TIMEOUT, fut)
         .await
@@ -68,7 +71,12 @@ fn records(sb: &Sandbox) -> BTreeSet<String> {
     std::fs::read_dir(sb.pool().join("meta/volumes"))
         .unwrap()
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_string))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".json")
+                .map(str::to_string)
+        })
         .collect()
 }
 
@@ -114,7 +122,8 @@ async fn one_name_from_many_callers_makes_one_volume() {
                     let mut c = c.clone();
                     let req = create_req(&name, if i % 2 == 0 { 8 * MIB } else { 16 * MIB }, &cap);
                     tokio::spawn(async move {
-                        let res = until_not_aborted!("create", c.controller.create_volume(req.clone()));
+                        let res =
+                            until_not_aborted!("create", c.controller.create_volume(req.clone()));
                         allowed("create", &res, &[Code::AlreadyExists]);
                         res.ok().map(|r| {
                             let v = r.volume.unwrap();
@@ -205,71 +214,114 @@ async fn stage_publish_unpublish_unstage_race_on_one_volume() {
         tokio::time::timeout(TEST_TIMEOUT, async {
             let tasks: Vec<_> = (0..8u64)
                 .map(|t| {
-                    let (mut c, cap, id, staging, targets) =
-                        (c.clone(), cap.clone(), id.clone(), staging.clone(), targets.clone());
+                    let (mut c, cap, id, staging, targets) = (
+                        c.clone(),
+                        cap.clone(),
+                        id.clone(),
+                        staging.clone(),
+                        targets.clone(),
+                    );
                     tokio::spawn(async move {
                         let mut x = t * 7919 + 13;
                         for _ in 0..60 {
-                            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                            x = x
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
                             let op = ops[((x >> 33) % ops.len() as u64) as usize];
                             let what = format!("{op:?}");
                             let target = |i: usize| targets[i].clone();
                             match op {
                                 NodeOp::Stage => {
-                                    let res = bounded(&what, c.node.node_stage_volume(pb::NodeStageVolumeRequest {
-                                        volume_id: id.clone(),
-                                        staging_target_path: staging.clone(),
-                                        volume_capability: Some(cap.clone()),
-                                        ..Default::default()
-                                    }))
+                                    let res = bounded(
+                                        &what,
+                                        c.node.node_stage_volume(pb::NodeStageVolumeRequest {
+                                            volume_id: id.clone(),
+                                            staging_target_path: staging.clone(),
+                                            volume_capability: Some(cap.clone()),
+                                            ..Default::default()
+                                        }),
+                                    )
                                     .await;
                                     // Not published to the node while a ControllerUnpublish won.
-                                    allowed(&what, &res, &[Code::Aborted, Code::FailedPrecondition]);
+                                    allowed(
+                                        &what,
+                                        &res,
+                                        &[Code::Aborted, Code::FailedPrecondition],
+                                    );
                                 }
                                 NodeOp::Publish(i) => {
-                                    let res = bounded(&what, c.node.node_publish_volume(pb::NodePublishVolumeRequest {
-                                        volume_id: id.clone(),
-                                        staging_target_path: staging.clone(),
-                                        target_path: target(i),
-                                        volume_capability: Some(cap.clone()),
-                                        ..Default::default()
-                                    }))
+                                    let res = bounded(
+                                        &what,
+                                        c.node.node_publish_volume(pb::NodePublishVolumeRequest {
+                                            volume_id: id.clone(),
+                                            staging_target_path: staging.clone(),
+                                            target_path: target(i),
+                                            volume_capability: Some(cap.clone()),
+                                            ..Default::default()
+                                        }),
+                                    )
                                     .await;
-                                    allowed(&what, &res, &[Code::Aborted, Code::FailedPrecondition]);
+                                    allowed(
+                                        &what,
+                                        &res,
+                                        &[Code::Aborted, Code::FailedPrecondition],
+                                    );
                                 }
                                 NodeOp::Unpublish(i) => {
-                                    let res = bounded(&what, c.node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                                        volume_id: id.clone(),
-                                        target_path: target(i),
-                                    }))
+                                    let res = bounded(
+                                        &what,
+                                        c.node.node_unpublish_volume(
+                                            pb::NodeUnpublishVolumeRequest {
+                                                volume_id: id.clone(),
+                                                target_path: target(i),
+                                            },
+                                        ),
+                                    )
                                     .await;
                                     allowed(&what, &res, &[Code::Aborted]);
                                 }
                                 NodeOp::Unstage => {
-                                    let res = bounded(&what, c.node.node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                                        volume_id: id.clone(),
-                                        staging_target_path: staging.clone(),
-                                    }))
+                                    let res = bounded(
+                                        &what,
+                                        c.node.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                                            volume_id: id.clone(),
+                                            staging_target_path: staging.clone(),
+                                        }),
+                                    )
                                     .await;
                                     // Still published somewhere: refused, nothing changed.
-                                    allowed(&what, &res, &[Code::Aborted, Code::FailedPrecondition]);
+                                    allowed(
+                                        &what,
+                                        &res,
+                                        &[Code::Aborted, Code::FailedPrecondition],
+                                    );
                                 }
                                 NodeOp::ControllerPublish => {
-                                    let res = bounded(&what, c.controller.controller_publish_volume(pb::ControllerPublishVolumeRequest {
-                                        volume_id: id.clone(),
-                                        node_id: NODE.into(),
-                                        volume_capability: Some(cap.clone()),
-                                        ..Default::default()
-                                    }))
+                                    let res = bounded(
+                                        &what,
+                                        c.controller.controller_publish_volume(
+                                            pb::ControllerPublishVolumeRequest {
+                                                volume_id: id.clone(),
+                                                node_id: NODE.into(),
+                                                volume_capability: Some(cap.clone()),
+                                                ..Default::default()
+                                            },
+                                        ),
+                                    )
                                     .await;
                                     allowed(&what, &res, &[Code::Aborted]);
                                 }
                                 NodeOp::ControllerUnpublish => {
-                                    let res = bounded(&what, c.controller.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-                                        volume_id: id.clone(),
-                                        node_id: NODE.into(),
-                                        ..Default::default()
-                                    }))
+                                    let res = bounded(
+                                        &what,
+                                        c.controller.controller_unpublish_volume(
+                                            pb::ControllerUnpublishVolumeRequest {
+                                                volume_id: id.clone(),
+                                                node_id: NODE.into(),
+                                                ..Default::default()
+                                            },
+                                        ),
+                                    )
                                     .await;
                                     allowed(&what, &res, &[Code::Aborted]);
                                 }
@@ -287,8 +339,15 @@ async fn stage_publish_unpublish_unstage_race_on_one_volume() {
 
         // Consistent after the storm: at most one device for the image, no stacked mounts.
         let image = image_of(&sb, &id).display().to_string();
-        let devices: Vec<_> = sb.loops().into_iter().filter(|l| l.contains(&image)).collect();
-        assert!(devices.len() <= 1, "{kind}: several devices for one image: {devices:?}");
+        let devices: Vec<_> = sb
+            .loops()
+            .into_iter()
+            .filter(|l| l.contains(&image))
+            .collect();
+        assert!(
+            devices.len() <= 1,
+            "{kind}: several devices for one image: {devices:?}"
+        );
         let mounts = sb.mounts();
         for path in targets.iter().chain([&staging]) {
             let n = mounts.iter().filter(|m| *m == path).count();
@@ -296,16 +355,23 @@ async fn stage_publish_unpublish_unstage_race_on_one_volume() {
         }
         // Teardown converges: unpublish everything, unstage, unpublish from the controller.
         for t in &targets {
-            let res = until_not_aborted!("unpublish", c.node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                target_path: t.clone(),
-            }));
+            let res = until_not_aborted!(
+                "unpublish",
+                c.node
+                    .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                        volume_id: id.clone(),
+                        target_path: t.clone(),
+                    })
+            );
             allowed("teardown unpublish", &res, &[]);
             assert!(!std::path::Path::new(t).exists(), "{t} left behind");
         }
         c.unstage(&id, &staging).await;
         c.remove(&id).await;
-        assert!(sb.loops().is_empty() && sb.mounts().is_empty(), "{kind}: leaked");
+        assert!(
+            sb.loops().is_empty() && sb.mounts().is_empty(),
+            "{kind}: leaked"
+        );
     }
     assert!(listed(&mut c).await.is_empty() && records(&sb).is_empty());
     assert!(driver.stop().success());
@@ -327,14 +393,18 @@ async fn delete_during_stage_leaves_nothing() {
             let id = c.create(&format!("dds-{round}"), 32 * MIB, &cap).await;
             c.controller_publish(&id, &cap).await;
             let stage = {
-                let (mut c, id, staging, cap) = (c.clone(), id.clone(), staging.clone(), cap.clone());
+                let (mut c, id, staging, cap) =
+                    (c.clone(), id.clone(), staging.clone(), cap.clone());
                 tokio::spawn(async move {
-                    bounded("stage", c.node.node_stage_volume(pb::NodeStageVolumeRequest {
-                        volume_id: id,
-                        staging_target_path: staging,
-                        volume_capability: Some(cap),
-                        ..Default::default()
-                    }))
+                    bounded(
+                        "stage",
+                        c.node.node_stage_volume(pb::NodeStageVolumeRequest {
+                            volume_id: id,
+                            staging_target_path: staging,
+                            volume_capability: Some(cap),
+                            ..Default::default()
+                        }),
+                    )
                     .await
                 })
             };
@@ -343,27 +413,39 @@ async fn delete_during_stage_leaves_nothing() {
                 tokio::spawn(async move {
                     // Stagger the delete across the phases of the stage.
                     tokio::time::sleep(Duration::from_millis(round * 8)).await;
-                    let res = until_not_aborted!("controller unpublish", c.controller.controller_unpublish_volume(
-                        pb::ControllerUnpublishVolumeRequest {
-                            volume_id: id.clone(),
-                            node_id: NODE.into(),
-                            ..Default::default()
-                        }
-                    ));
+                    let res = until_not_aborted!(
+                        "controller unpublish",
+                        c.controller.controller_unpublish_volume(
+                            pb::ControllerUnpublishVolumeRequest {
+                                volume_id: id.clone(),
+                                node_id: NODE.into(),
+                                ..Default::default()
+                            }
+                        )
+                    );
                     allowed("controller unpublish", &res, &[]);
-                    until_not_aborted!("delete", c.controller.delete_volume(pb::DeleteVolumeRequest {
-                        volume_id: id.clone(),
-                        ..Default::default()
-                    }))
+                    until_not_aborted!(
+                        "delete",
+                        c.controller.delete_volume(pb::DeleteVolumeRequest {
+                            volume_id: id.clone(),
+                            ..Default::default()
+                        })
+                    )
                 })
             };
             let s = stage.await.unwrap();
-            allowed("stage racing a delete", &s, &[Code::Aborted, Code::FailedPrecondition, Code::NotFound]);
+            allowed(
+                "stage racing a delete",
+                &s,
+                &[Code::Aborted, Code::FailedPrecondition, Code::NotFound],
+            );
             let d = delete.await.unwrap();
             allowed("delete racing a stage", &d, &[]);
             let key = format!(
                 "stage {}",
-                s.as_ref().map(|_| "OK".to_string()).unwrap_or_else(|e| format!("{:?}", e.code()))
+                s.as_ref()
+                    .map(|_| "OK".to_string())
+                    .unwrap_or_else(|e| format!("{:?}", e.code()))
             );
             *outcomes.entry(key).or_default() += 1;
             // Whatever the stage did, unstage cleans it up, even for a deleted volume.
@@ -405,14 +487,17 @@ async fn parallel_publishes_respect_the_attach_limit_and_format_slots() {
             .map(|id| {
                 let (mut c, id, cap) = (c.clone(), id.clone(), cap.clone());
                 tokio::spawn(async move {
-                    let res = until_not_aborted!("publish", c.controller.controller_publish_volume(
-                        pb::ControllerPublishVolumeRequest {
-                            volume_id: id.clone(),
-                            node_id: NODE.into(),
-                            volume_capability: Some(cap.clone()),
-                            ..Default::default()
-                        }
-                    ));
+                    let res = until_not_aborted!(
+                        "publish",
+                        c.controller.controller_publish_volume(
+                            pb::ControllerPublishVolumeRequest {
+                                volume_id: id.clone(),
+                                node_id: NODE.into(),
+                                volume_capability: Some(cap.clone()),
+                                ..Default::default()
+                            }
+                        )
+                    );
                     allowed("publish at the limit", &res, &[Code::ResourceExhausted]);
                     res.is_ok().then_some(id)
                 })
@@ -422,20 +507,32 @@ async fn parallel_publishes_respect_the_attach_limit_and_format_slots() {
         for t in tasks {
             published.extend(t.await.unwrap());
         }
-        assert_eq!(published.len(), 3, "exactly the node's limit: {published:?}");
+        assert_eq!(
+            published.len(),
+            3,
+            "exactly the node's limit: {published:?}"
+        );
         // The published ones are staged at once: mkfs.xfs runs one at a time, all succeed.
         let tasks: Vec<_> = published
             .iter()
             .enumerate()
             .map(|(i, id)| {
-                let (mut c, id, cap, staging) = (c.clone(), id.clone(), cap.clone(), sb.dir(&format!("staging{i}")));
+                let (mut c, id, cap, staging) = (
+                    c.clone(),
+                    id.clone(),
+                    cap.clone(),
+                    sb.dir(&format!("staging{i}")),
+                );
                 tokio::spawn(async move {
-                    let res = bounded("stage", c.node.node_stage_volume(pb::NodeStageVolumeRequest {
-                        volume_id: id.clone(),
-                        staging_target_path: staging.clone(),
-                        volume_capability: Some(cap),
-                        ..Default::default()
-                    }))
+                    let res = bounded(
+                        "stage",
+                        c.node.node_stage_volume(pb::NodeStageVolumeRequest {
+                            volume_id: id.clone(),
+                            staging_target_path: staging.clone(),
+                            volume_capability: Some(cap),
+                            ..Default::default()
+                        }),
+                    )
                     .await;
                     allowed("stage under the format limit", &res, &[]);
                     (id, staging)
@@ -450,7 +547,10 @@ async fn parallel_publishes_respect_the_attach_limit_and_format_slots() {
     .await
     .expect("deadlock: publishes at the limit did not finish in time");
     let log = driver.log_text();
-    assert!(log.contains("max_concurrent_formats=1"), "the limit was not applied");
+    assert!(
+        log.contains("max_concurrent_formats=1"),
+        "the limit was not applied"
+    );
     for id in &ids {
         c.remove(id).await;
     }

@@ -525,7 +525,10 @@ impl BlockStorage for FilePool {
 
     fn health(&self, volume: &Volume) -> Health {
         if let Some(message) = signature::lost_filesystem(&self.image(&volume.id), volume) {
-            return Health { abnormal: true, message };
+            return Health {
+                abnormal: true,
+                message,
+            };
         }
         match std::fs::metadata(self.image(&volume.id)) {
             Ok(meta) if meta.len() == volume.capacity_bytes => Health {

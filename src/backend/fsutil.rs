@@ -233,7 +233,10 @@ mod tests {
         let name = live.file_name().unwrap().to_str().unwrap();
         assert!(is_temp_name(name), "{name}");
         assert!(!is_temp_name("rec.json"));
-        assert!(!remove_abandoned_temp(&live).unwrap(), "a held temp file is in use");
+        assert!(
+            !remove_abandoned_temp(&live).unwrap(),
+            "a held temp file is in use"
+        );
         assert!(live.exists());
         drop(held);
         assert!(remove_abandoned_temp(&live).unwrap());

@@ -117,7 +117,12 @@ impl Slots {
         let mut logged = false;
         while self.max != 0 && st.busy >= self.max {
             if !logged {
-                debug!(what, busy = st.busy, max = self.max, "waiting for a format slot");
+                debug!(
+                    what,
+                    busy = st.busy,
+                    max = self.max,
+                    "waiting for a format slot"
+                );
                 logged = true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -535,15 +540,13 @@ fn execute(program: &str, args: &[&dyn AsRef<OsStr>], timeout: Duration) -> Resu
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                Error::MissingTool(program.to_string())
-            } else {
-                Error::io(format!("start {line}"), e)
-            }
-        })?;
+    let mut child = cmd.spawn().map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::MissingTool(program.to_string())
+        } else {
+            Error::io(format!("start {line}"), e)
+        }
+    })?;
     // Drained on their own threads, so a chatty tool cannot fill a pipe and stall until the timeout.
     let stdout = drain(child.stdout.take());
     let stderr = drain(child.stderr.take());

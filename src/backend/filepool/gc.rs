@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 use super::{from_json, is_volume_id, FilePool, NameRecord};
-use crate::backend::fsutil::{is_temp_name, read_optional, remove_abandoned_temp, remove_if_exists, sync_dir};
+use crate::backend::fsutil::{
+    is_temp_name, read_optional, remove_abandoned_temp, remove_if_exists, sync_dir,
+};
 use crate::backend::{Error, Result};
 
 /// What one collection removed.
@@ -243,7 +245,11 @@ mod tests {
             name: "lost".into(),
             volume_id: lost.into(),
         };
-        write_atomic(&pool.name_index("lost"), &super::super::to_json(&index).unwrap()).unwrap();
+        write_atomic(
+            &pool.name_index("lost"),
+            &super::super::to_json(&index).unwrap(),
+        )
+        .unwrap();
         std::fs::write(pool.image(lost), b"").unwrap();
         // An image with neither record nor index.
         std::fs::write(pool.image("vol-000000000000000000000000000000bb"), b"").unwrap();
@@ -253,10 +259,14 @@ mod tests {
             drop(f);
         }
         // A lock file of a volume that does not exist (a detach of a deleted volume).
-        drop(pool.lock("volume", "vol-000000000000000000000000000000cc").unwrap());
+        drop(
+            pool.lock("volume", "vol-000000000000000000000000000000cc")
+                .unwrap(),
+        );
         drop(pool.lock("name", &hash_name("gone")).unwrap());
         // A temp file whose writer is alive stays.
-        let (held, held_path) = create_temp(&pool.record("vol-000000000000000000000000000000dd")).unwrap();
+        let (held, held_path) =
+            create_temp(&pool.record("vol-000000000000000000000000000000dd")).unwrap();
 
         let c = pool.collect_garbage().unwrap();
         assert_eq!(
