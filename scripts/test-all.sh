@@ -42,7 +42,9 @@ echo "== cargo test (release: the integration tests drive target/release/blockcs
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo_status=0
-cargo test --release --locked 2>&1 | tee "$log" || cargo_status=$?
+# --show-output: the reliability suites print their counts (hostile cases, fuzz executions,
+# kills survived, operations verified), gathered into the summary below.
+cargo test --release --locked -- --show-output 2>&1 | tee "$log" || cargo_status=$?
 read -r c_pass c_fail c_skip < <(awk '/^test result:/ {
     for (i = 1; i <= NF; i++) {
       if ($(i) ~ /^passed;?$/) p += $(i-1);
@@ -50,6 +52,11 @@ read -r c_pass c_fail c_skip < <(awk '/^test result:/ {
       if ($(i) ~ /^ignored;?$/) s += $(i-1);
     } } END { print p+0, f+0, s+0 }' "$log")
 if [ "$cargo_status" -ne 0 ] && [ "$c_fail" -eq 0 ]; then c_fail=1; fi
+reliability="$(grep -E '^(hostile|fuzz|crash|torture): ' "$log" | sort -u || true)"
+reliability_totals="$(awk '
+    /^hostile: .* cases$/ { cases += $(NF-1) }
+    /^fuzz: .* executions$/ { runs += $(NF-1) }
+    END { printf "hostile cases: %d, fuzz executions: %d", cases, runs }' <<<"$reliability")"
 
 echo "== csi-sanity suites"
 sanity_status=0
@@ -59,6 +66,9 @@ read -r s_pass s_fail s_skip < <(awk 'NF == 6 && $2 == "passed," && $4 == "faile
 if [ "$sanity_status" -ne 0 ] && [ "$s_fail" -eq 0 ]; then s_fail=1; fi
 
 echo "== summary"
+echo "reliability:"
+printf '%s\n' "$reliability" | sed 's/^/  /'
+echo "  ${reliability_totals}"
 echo "cargo test: ${c_pass} passed, ${c_fail} failed, ${c_skip} skipped"
 echo "csi-sanity: ${s_pass} passed, ${s_fail} failed, ${s_skip} skipped (skipped = specs gated by capabilities not advertised)"
 echo "$((c_pass + s_pass)) passed, $((c_fail + s_fail)) failed, $((c_skip + s_skip)) skipped"

@@ -60,6 +60,9 @@ pub struct ServeArgs {
     /// Filesystem for volumes whose capability names none: ext4 or xfs [default: ext4]
     #[arg(long, env = "BLOCKCSI_DEFAULT_FS_TYPE", value_parser = parse_fs_type)]
     pub default_fs_type: Option<FsType>,
+    /// Most mkfs/fsck/resize processes at once; 0 = no limit [default: 4]
+    #[arg(long, env = "BLOCKCSI_MAX_CONCURRENT_FORMATS")]
+    pub max_concurrent_formats: Option<usize>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive [default: info]
     #[arg(long, env = "BLOCKCSI_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -76,6 +79,7 @@ struct FileConfig {
     driver_name: Option<String>,
     max_volumes_per_node: Option<u64>,
     default_fs_type: Option<FsType>,
+    max_concurrent_formats: Option<usize>,
     log_level: Option<String>,
 }
 
@@ -88,6 +92,7 @@ pub struct Config {
     pub driver_name: String,
     pub max_volumes_per_node: u64,
     pub default_fs_type: FsType,
+    pub max_concurrent_formats: usize,
     pub log_level: String,
 }
 
@@ -144,6 +149,10 @@ impl ServeArgs {
                 .default_fs_type
                 .or(file.default_fs_type)
                 .unwrap_or(FsType::Ext4),
+            max_concurrent_formats: self
+                .max_concurrent_formats
+                .or(file.max_concurrent_formats)
+                .unwrap_or(crate::host::linux::DEFAULT_MAX_CONCURRENT_FORMATS),
             log_level: self
                 .log_level
                 .or(file.log_level)
@@ -226,7 +235,7 @@ mod tests {
         let file = dir.path().join("c.yaml");
         std::fs::write(
             &file,
-            "mode: node\nendpoint: unix:///tmp/from-file.sock\nnode-id: file-node\npool: /srv/pool\nmax-volumes-per-node: 7\n",
+            "mode: node\nendpoint: unix:///tmp/from-file.sock\nnode-id: file-node\npool: /srv/pool\nmax-volumes-per-node: 7\nmax-concurrent-formats: 2\n",
         )
         .unwrap();
         let cfg = ServeArgs {
@@ -241,6 +250,7 @@ mod tests {
         assert_eq!(cfg.node_id, "flag-node");
         assert_eq!(cfg.pool, PathBuf::from("/srv/pool"));
         assert_eq!(cfg.max_volumes_per_node, 7);
+        assert_eq!(cfg.max_concurrent_formats, 2);
         assert_eq!(cfg.driver_name, DEFAULT_DRIVER_NAME);
     }
 
@@ -256,6 +266,10 @@ mod tests {
         assert_eq!(cfg.socket, PathBuf::from("/run/blockcsi/csi.sock"));
         assert_eq!(cfg.pool, PathBuf::from(DEFAULT_POOL));
         assert_eq!(cfg.max_volumes_per_node, 0);
+        assert_eq!(
+            cfg.max_concurrent_formats,
+            crate::host::linux::DEFAULT_MAX_CONCURRENT_FORMATS
+        );
     }
 
     #[test]

@@ -42,8 +42,25 @@ impl From<Error> for Status {
             Error::Unavailable(_) => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
         };
-        Status::new(code, err.to_string())
+        Status::new(code, clip(&err.to_string(), MAX_MESSAGE_BYTES))
     }
+}
+
+/// Longest status message sent. Messages quote request fields, a field can be a megabyte, and
+/// the message travels in an HTTP/2 trailer that clients cap (a few KiB to 16 KiB): past the cap
+/// the caller sees a protocol error instead of the code the spec names.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a character boundary, with "..." when cut.
+pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let cut = (0..=max.saturating_sub(3))
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}...", &s[..cut]).into()
 }
 
 impl From<crate::backend::Error> for Error {
@@ -101,6 +118,17 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);
         }
+    }
+
+    #[test]
+    fn long_messages_are_clipped_on_a_character_boundary() {
+        let long = format!("volume {:?} not found", "é".repeat(100_000));
+        let status = Status::from(Error::NotFound(long));
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert!(status.message().ends_with("..."));
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("abcdefghij", 6), "abc...");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod config;
 pub mod controller;
 pub mod csi;
 pub mod error;
+pub mod faults;
 pub mod guard;
 pub mod host;
 pub mod node;

@@ -138,6 +138,7 @@ impl NodeService {
 
     pub fn stage(&self, req: &StageRequest) -> Result<()> {
         let _guard = self.guards.acquire(&req.volume_id)?;
+        validate::no_symlinks(&req.staging_path, "staging_target_path")?;
         let volume = self.published_volume(&req.volume_id)?;
         check_fits(&volume, &req.capability)?;
         let image = self.backend.image_path(&volume.id)?;
@@ -158,6 +159,7 @@ impl NodeService {
             self.backend.record_block_use(&volume.id)?;
             if existing.is_none() {
                 let dev = self.attach(&image)?;
+                crate::faults::point("stage.after_attach");
                 info!(volume_id = %volume.id, device = %dev.path.display(), "attached for block access");
             }
             return Ok(());
@@ -191,6 +193,7 @@ impl NodeService {
             Some(d) => d,
             None => self.attach(&image)?,
         };
+        crate::faults::point("stage.after_attach");
         let res = self.format_and_mount(&volume, req, &dev);
         if res.is_err() && attached_here {
             if let Err(e) = self.host.detach_loop(&dev) {
@@ -253,7 +256,14 @@ impl NodeService {
         req: &StageRequest,
         dev: &LoopDevice,
     ) -> Result<()> {
-        let fs = match self.host.probe(&dev.path) {
+        let probe = match self.redo_interrupted_format(volume, req, dev)? {
+            Some(fs) => Ok(Probe::Filesystem {
+                fs_type: fs.as_str().to_string(),
+                uuid: None,
+            }),
+            None => self.host.probe(&dev.path),
+        };
+        let fs = match probe {
             Err(e) => {
                 return Err(Error::FailedPrecondition(format!(
                     "cannot tell whether volume {} holds data ({e}); refusing to format it",
@@ -332,12 +342,15 @@ impl NodeService {
                     .and_then(FsType::parse)
                     .unwrap_or(self.default_fs);
                 info!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "formatting blank volume");
+                self.backend.record_formatting(&volume.id, fs.as_str())?;
                 self.host.mkfs(&dev.path, fs)?;
+                crate::faults::point("stage.after_mkfs");
                 self.backend.record_filesystem(&volume.id, fs.as_str())?;
                 if volume.pending_node_expansion {
                     // mkfs filled the whole (already grown) device.
                     self.backend.record_node_expanded(&volume.id)?;
                 }
+                crate::faults::point("stage.after_record_filesystem");
                 fs
             }
         };
@@ -348,20 +361,51 @@ impl NodeService {
         let opts = validate::mount_options(flags, req.capability.mode.read_only())?;
         self.host
             .mount(&dev.path, &req.staging_path, fs.as_str(), &opts)?;
+        crate::faults::point("stage.after_mount");
         info!(volume_id = %volume.id, path = %req.staging_path.display(), fs = fs.as_str(), "staged");
         Ok(())
+    }
+
+    /// A format this driver started on a volume that was never mounted (`formatting` without
+    /// `filesystem`): the process died during mkfs, and the device may hold a half-written
+    /// filesystem that blkid still recognises but that cannot be mounted. Nothing else ever
+    /// wrote there, so the format is redone rather than adopted or refused (which would leave
+    /// the volume unusable forever).
+    fn redo_interrupted_format(
+        &self,
+        volume: &Volume,
+        req: &StageRequest,
+        dev: &LoopDevice,
+    ) -> Result<Option<FsType>> {
+        let (None, Some(started), false) =
+            (&volume.filesystem, &volume.formatting, volume.used_as_block)
+        else {
+            return Ok(None);
+        };
+        let fs = req
+            .capability
+            .fs_type()
+            .or(Some(started.as_str()))
+            .and_then(FsType::parse)
+            .unwrap_or(FsType::Ext4);
+        warn!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "redoing a format that was interrupted");
+        self.host.redo_mkfs(&dev.path, fs)?;
+        crate::faults::point("stage.after_mkfs");
+        Ok(Some(fs))
     }
 
     /// Undoes stage: unmounts the staging path if it holds this volume (or a dead device) and
     /// detaches the volume's loop devices. Not staged is success.
     pub fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let _guard = self.guards.acquire(volume_id)?;
+        validate::no_symlinks(staging_path, "staging_target_path")?;
         let image = self.backend.image_path(volume_id)?;
         let loops = self.loops_of(&image)?;
         let mounts = self.host.mounts()?;
         if let Some(m) = top_mount(&mounts, staging_path) {
             if loops.iter().any(|d| d.dev == m.dev) || self.is_stale(m)? {
                 self.host.unmount(staging_path)?;
+                crate::faults::point("unstage.after_unmount");
             } else {
                 return Err(Error::FailedPrecondition(format!(
                     "staging path {} holds another device ({}), not volume {volume_id}",
@@ -381,6 +425,7 @@ impl NodeService {
         }
         for dev in &loops {
             self.host.detach_loop(dev)?;
+            crate::faults::point("unstage.after_detach");
             info!(volume_id, device = %dev.path.display(), "detached");
         }
         Ok(())
@@ -388,6 +433,8 @@ impl NodeService {
 
     pub fn publish(&self, req: &PublishRequest) -> Result<()> {
         let _guard = self.guards.acquire(&req.volume_id)?;
+        validate::no_symlinks(&req.target, "target_path")?;
+        validate::no_symlinks(&req.staging_path, "staging_target_path")?;
         let volume = self.published_volume(&req.volume_id)?;
         check_fits(&volume, &req.capability)?;
         let image = self.backend.image_path(&volume.id)?;
@@ -454,6 +501,7 @@ impl NodeService {
         } else {
             ensure_dir(&req.target)?
         };
+        crate::faults::point("publish.after_target");
         let source = if block { &dev.path } else { &req.staging_path };
         if let Err(e) = self.host.bind_mount(source, &req.target, read_only) {
             if created {
@@ -461,6 +509,7 @@ impl NodeService {
             }
             return Err(e.into());
         }
+        crate::faults::point("publish.after_bind");
         info!(volume_id = %volume.id, target = %req.target.display(), read_only, "published");
         Ok(())
     }
@@ -479,6 +528,8 @@ impl NodeService {
     /// written into an unmounted directory is never deleted.
     pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<()> {
         let _guard = self.guards.acquire(volume_id)?;
+        self.backend.image_path(volume_id)?; // a malformed id is NOT_FOUND, as everywhere
+        validate::no_symlinks(target, "target_path")?;
         // Stacked mounts (a retried publish that raced) are unmounted one by one.
         for _ in 0..16 {
             let mounts = self.host.mounts()?;
@@ -486,6 +537,7 @@ impl NodeService {
                 break;
             }
             self.host.unmount(target)?;
+            crate::faults::point("unpublish.after_unmount");
         }
         if top_mount(&self.host.mounts()?, target).is_some() {
             return Err(Error::Internal(format!(

@@ -85,13 +85,20 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         path: cfg.pool.display().to_string(),
         source,
     })?;
+    // Before serving, while this process has nothing in flight: what a killed predecessor left.
+    pool.collect_garbage().map_err(|source| ServeError::Pool {
+        path: cfg.pool.display().to_string(),
+        source,
+    })?;
     if cfg.mode.controller() {
-        let removed = pool.collect_garbage().map_err(|source| ServeError::Pool {
-            path: cfg.pool.display().to_string(),
-            source,
-        })?;
+        let removed = pool
+            .collect_orphan_snapshots()
+            .map_err(|source| ServeError::Pool {
+                path: cfg.pool.display().to_string(),
+                source,
+            })?;
         if removed > 0 {
-            info!(removed, "removed temporary files of interrupted copies");
+            info!(removed, "removed snapshot images that never got a record");
         }
     }
     let pool_id = pool.pool_id().to_string();
@@ -104,7 +111,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let node = if cfg.mode.node() {
         let svc = Arc::new(NodeService::new(
             backend.clone(),
-            Arc::new(LinuxHost::new()),
+            Arc::new(LinuxHost::with_max_concurrent_formats(
+                cfg.max_concurrent_formats,
+            )),
             cfg.node_id.clone(),
             cfg.max_volumes_per_node,
             cfg.default_fs_type,
@@ -131,6 +140,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         pool = %cfg.pool.display(),
         pool_id,
         node_id = cfg.node_id,
+        max_concurrent_formats = cfg.max_concurrent_formats,
         driver = cfg.driver_name,
         version = env!("CARGO_PKG_VERSION"),
         "serving"

@@ -75,6 +75,30 @@ pub fn path(value: &str, field: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Refuses a path of which any existing component is a symbolic link. mount(2), mkdir and
+/// unlink follow links in every component, so a link planted at (or above) a staging or target
+/// path would make the driver mount over, create or remove whatever the link points to. The
+/// components that do not exist yet are created by the driver itself (the last one only).
+pub fn no_symlinks(path: &Path, field: &str) -> Result<()> {
+    let mut prefix = PathBuf::new();
+    for c in path.components() {
+        prefix.push(c);
+        match std::fs::symlink_metadata(&prefix) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(Error::InvalidArgument(format!(
+                    "{field} {} goes through the symbolic link {}; refusing to follow it",
+                    path.display(),
+                    prefix.display()
+                )))
+            }
+            Ok(_) => {}
+            // Nothing below a missing (or non-directory) component exists to be a link.
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 fn access_mode(mode: i32) -> Result<AccessMode> {
     use pb::volume_capability::access_mode::Mode;
     Ok(match Mode::try_from(mode) {
@@ -335,6 +359,31 @@ mod tests {
         for (input, want) in cases {
             let got = path(input, "target_path").ok();
             assert_eq!(got.as_deref(), want.map(Path::new), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn symlinks_anywhere_in_a_path_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join("dangling")).unwrap();
+        let cases: &[(&str, bool)] = &[
+            ("real", true),
+            ("real/not-yet", true),
+            ("missing/deeper/still", true),
+            ("link", false),
+            ("link/target", false),
+            ("dangling", false),
+            ("dangling/x", false),
+        ];
+        for (rel, ok) in cases {
+            let res = no_symlinks(&dir.path().join(rel), "target_path");
+            assert_eq!(res.is_ok(), *ok, "{rel}: {res:?}");
+            if let Err(e) = res {
+                assert!(matches!(e, Error::InvalidArgument(_)), "{rel}");
+            }
         }
     }
 

@@ -33,17 +33,23 @@ const CHUNK: usize = 1 << 20;
 /// caller's choice (a data copy needs an fsync of `dst`; a reflink on an ordered journal is
 /// committed by any later fsync in the pool). On error `dst` is removed.
 pub fn copy_file(src: &Path, dst: &Path, mode: Mode) -> io::Result<Method> {
-    let input = File::open(src)?;
     let output = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(dst)?;
-    let res = copy_open(&input, &output, mode);
+    let res = copy_into(src, &output, mode);
     if res.is_err() {
         let _ = std::fs::remove_file(dst);
     }
     res
+}
+
+/// Copies `src` into the empty, open file `output` (a temp file the caller owns and removes on
+/// error) and returns how.
+pub fn copy_into(src: &Path, output: &File, mode: Mode) -> io::Result<Method> {
+    let input = File::open(src)?;
+    copy_open(&input, output, mode)
 }
 
 fn copy_open(input: &File, output: &File, mode: Mode) -> io::Result<Method> {

@@ -23,8 +23,10 @@
 //! image. On pools whose filesystem journals metadata in order (ext4, XFS) one fsync of the
 //! record makes the whole snapshot durable; elsewhere every step is synced.
 
+mod gc;
+mod signature;
+
 use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -221,25 +223,12 @@ impl FilePool {
         &self.root
     }
 
-    /// Removes the temporary files of copies a crashed controller left (they are never renamed
-    /// into place, so nothing refers to them). Only the controller writes images and snapshots,
-    /// so this runs when a controller starts, before it serves. Returns how many were removed.
-    pub fn collect_garbage(&self) -> Result<usize> {
+    /// Removes snapshot images whose record never became durable (or whose delete stopped
+    /// after the record). Snapshots have no name index, so an image without a record is only
+    /// provably abandoned when no CreateSnapshot runs: call this from the controller (the only
+    /// writer of snapshots) at start, before it serves. Returns how many were removed.
+    pub fn collect_orphan_snapshots(&self) -> Result<usize> {
         let mut removed = 0;
-        for sub in ["volumes", "snapshots"] {
-            let dir = self.root.join(sub);
-            let entries = std::fs::read_dir(&dir)
-                .map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with('.') && name.contains(".tmp-") {
-                    remove_if_exists(&entry.path())?;
-                    removed += 1;
-                }
-            }
-        }
-        // Snapshot images whose record never became durable (or was deleted first).
         let dir = self.root.join("snapshots");
         let entries =
             std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
@@ -253,6 +242,9 @@ impl FilePool {
                 remove_if_exists(&entry.path())?;
                 removed += 1;
             }
+        }
+        if removed > 0 {
+            sync_dir(&dir)?;
         }
         Ok(removed)
     }
@@ -316,17 +308,13 @@ impl FilePool {
                 return Ok(());
             }
         }
-        let tmp = super::fsutil::temp_path(&path);
+        let mut tmp = super::fsutil::temp_path(&path);
         let res = (|| {
+            let (f, t) = super::fsutil::create_temp(&path)?;
+            tmp = t;
             if let Some(src) = from {
-                copy::copy_file(src, &tmp, CopyMode::Auto)?;
+                copy::copy_into(src, &f, CopyMode::Auto)?;
             }
-            let f = OpenOptions::new()
-                .write(true)
-                .create(from.is_some())
-                .create_new(from.is_none())
-                .mode(0o600)
-                .open(&tmp)?;
             f.set_len(size)?;
             if provisioning == Provisioning::Thick {
                 copy::reserve(&f, 0, size)?;
@@ -438,21 +426,21 @@ impl FilePool {
         group: Option<&str>,
     ) -> Result<Snapshot> {
         let image = self.snapshot_image(id);
-        let tmp = super::fsutil::temp_path(&image);
-        let method = copy::copy_file(&self.image(&volume.id), &tmp, CopyMode::Auto)
-            .map_err(|e| Error::io(format!("snapshot volume {}", volume.id), e))?;
+        let (out, tmp) = super::fsutil::create_temp(&image)
+            .map_err(|e| Error::io(format!("create {}", image.display()), e))?;
         let synced = (|| {
+            let method = copy::copy_into(&self.image(&volume.id), &out, CopyMode::Auto)?;
             // A data copy's blocks are not covered by a journal commit: they get their own fsync.
             if method == copy::Method::DataCopy || !self.ordered_journal {
-                std::fs::File::open(&tmp)?.sync_all()?;
+                out.sync_all()?;
             }
-            std::fs::metadata(&tmp).map(|m| m.len())
+            out.metadata().map(|m| m.len())
         })();
         let size_bytes = match synced {
             Ok(len) => len,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
-                return Err(Error::io(format!("sync {}", tmp.display()), e));
+                return Err(Error::io(format!("snapshot volume {}", volume.id), e));
             }
         };
         if let Err(e) = std::fs::rename(&tmp, &image) {
@@ -604,6 +592,7 @@ impl BlockStorage for FilePool {
                     volume_id: id.clone(),
                 };
                 write_atomic(&index_path, &to_json(&index)?)?;
+                crate::faults::point("create.after_index");
                 id
             }
         };
@@ -630,6 +619,7 @@ impl BlockStorage for FilePool {
             attachments: Default::default(),
             filesystem: source.as_ref().and_then(|s| s.2.clone()),
             used_as_block: source.as_ref().is_some_and(|s| s.3),
+            formatting: None,
             source: req.source.clone(),
             needs_new_uuid: source.as_ref().is_some_and(|s| s.2.is_some()),
             provisioning: req.provisioning,
@@ -643,6 +633,7 @@ impl BlockStorage for FilePool {
                 source.as_ref().map(|s| s.0.as_path()),
                 req.provisioning,
             )
+            .inspect(|()| crate::faults::point("create.after_image"))
             .and_then(|()| self.store(&volume));
         if let Err(e) = made {
             // Nothing was handed out yet: undo everything so no half volume stays behind.
@@ -651,6 +642,7 @@ impl BlockStorage for FilePool {
             let _ = remove_if_exists(&index_path);
             return Err(e);
         }
+        crate::faults::point("create.after_record");
         Ok(volume)
     }
 
@@ -677,8 +669,10 @@ impl BlockStorage for FilePool {
             }
             name_lock.remove()?;
         }
+        crate::faults::point("delete.after_index");
         remove_if_exists(&self.image(id))?;
         sync_dir(&self.root.join("volumes"))?;
+        crate::faults::point("delete.after_image");
         remove_if_exists(&self.record(id))?;
         sync_dir(&self.root.join("meta/volumes"))?;
         lock.remove()
@@ -750,11 +744,15 @@ impl BlockStorage for FilePool {
             .attachments
             .insert(node.to_string(), attachment.clone());
         self.store(&volume)?;
+        crate::faults::point("attach.after_store");
         Ok(volume)
     }
 
     fn detach(&self, id: &str, node: &str) -> Result<()> {
-        match self.update(id, |v| Ok(v.attachments.remove(node).is_some())) {
+        match self
+            .update(id, |v| Ok(v.attachments.remove(node).is_some()))
+            .inspect(|_| crate::faults::point("detach.after_store"))
+        {
             Ok(_) | Err(Error::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -815,7 +813,23 @@ impl BlockStorage for FilePool {
         self.update(id, |v| Ok(!std::mem::replace(&mut v.used_as_block, true)))
     }
 
+    fn record_formatting(&self, id: &str, fs_type: &str) -> Result<Volume> {
+        self.update(id, |v| {
+            let changed = v.filesystem.is_none() && v.formatting.as_deref() != Some(fs_type);
+            if changed {
+                v.formatting = Some(fs_type.to_string());
+            }
+            Ok(changed)
+        })
+    }
+
     fn health(&self, volume: &Volume) -> Health {
+        if let Some(message) = signature::lost_filesystem(&self.image(&volume.id), volume) {
+            return Health {
+                abnormal: true,
+                message,
+            };
+        }
         match std::fs::metadata(self.image(&volume.id)) {
             Ok(meta) if meta.len() == volume.capacity_bytes => Health {
                 abnormal: false,
@@ -1325,7 +1339,8 @@ mod tests {
         std::fs::write(&half, b"partial").unwrap();
         assert!(matches!(pool.snapshot(&s.id), Err(Error::NotFound(_))));
         assert!(pool.snapshots().unwrap().is_empty());
-        assert_eq!(pool.collect_garbage().unwrap(), 2);
+        assert_eq!(pool.collect_garbage().unwrap().temp_files, 1);
+        assert_eq!(pool.collect_orphan_snapshots().unwrap(), 1);
         assert!(!pool.snapshot_image(&s.id).exists() && !half.exists());
         // The retry of the same name makes it whole.
         assert_eq!(pool.create_snapshot("s", &v.id).unwrap().id, s.id);

@@ -37,16 +37,50 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(tmp)
 }
 
+/// Creates a fresh temporary file beside `path` and holds an exclusive flock(2) on it until the
+/// returned file is dropped. A process killed mid-write leaves the file behind but not the lock,
+/// which is how start-up garbage collection tells an abandoned temp file from one in use.
+pub fn create_temp(path: &Path) -> std::io::Result<(File, PathBuf)> {
+    let tmp = temp_path(path);
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&tmp)?;
+    flock_exclusive(&f)?;
+    Ok((f, tmp))
+}
+
+/// Whether a file name is one [`temp_path`] made.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
+}
+
+/// Removes a temp file if no live process holds its lock; true when it was removed.
+pub fn remove_abandoned_temp(path: &Path) -> Result<bool> {
+    use std::os::fd::AsRawFd;
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
+    };
+    // SAFETY: the fd is owned by `file` and open for the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        // Held by a writer that is alive, or interrupted: leave it.
+        return Ok(false);
+    }
+    remove_if_exists(path)
+}
+
 /// Replaces `path` with `data` so that a crash leaves either the old or the new content:
 /// temp file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
+    let mut tmp = temp_path(path);
     let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let (mut f, t) = create_temp(path)?;
+        tmp = t;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -63,13 +97,10 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// commits the rename and every earlier metadata change too. A crash before it returns may leave
 /// `path` empty; readers must treat an empty file as absent.
 pub fn write_ordered(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
+    let mut tmp = temp_path(path);
     let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let (mut f, t) = create_temp(path)?;
+        tmp = t;
         f.write_all(data)?;
         std::fs::rename(&tmp, path)?;
         f.sync_all()
@@ -84,13 +115,10 @@ pub fn write_ordered(path: &Path, data: &[u8]) -> Result<()> {
 /// Creates `path` with `data` only if it does not exist yet; returns false when another
 /// writer got there first. Uses link(2) so the file never appears half-written.
 pub fn create_atomic(path: &Path, data: &[u8]) -> Result<bool> {
-    let tmp = temp_path(path);
+    let mut tmp = temp_path(path);
     let res = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let (mut f, t) = create_temp(path)?;
+        tmp = t;
         f.write_all(data)?;
         f.sync_all()?;
         match std::fs::hard_link(&tmp, path) {
@@ -215,6 +243,25 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("rec.json")]);
+    }
+
+    #[test]
+    fn only_unlocked_temp_files_count_as_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("rec.json");
+        let (held, live) = create_temp(&target).unwrap();
+        let name = live.file_name().unwrap().to_str().unwrap();
+        assert!(is_temp_name(name), "{name}");
+        assert!(!is_temp_name("rec.json"));
+        assert!(
+            !remove_abandoned_temp(&live).unwrap(),
+            "a held temp file is in use"
+        );
+        assert!(live.exists());
+        drop(held);
+        assert!(remove_abandoned_temp(&live).unwrap());
+        assert!(!live.exists());
+        assert!(!remove_abandoned_temp(&live).unwrap());
     }
 
     #[test]

@@ -144,6 +144,11 @@ pub struct Volume {
     /// The image grew since a node last grew the filesystem on it.
     #[serde(default)]
     pub pending_node_expansion: bool,
+    /// The filesystem a node set out to create, written just before mkfs runs on a volume that
+    /// never held one. With no `filesystem` beside it, the volume was never mounted and
+    /// whatever its device holds is the driver's own interrupted format, safe to redo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formatting: Option<String>,
 }
 
 /// Where a new volume's contents come from.
@@ -316,6 +321,8 @@ pub trait BlockStorage: Send + Sync {
     fn record_filesystem(&self, id: &str, fs_type: &str) -> Result<Volume>;
     /// Records that a volume was handed out as a raw block device.
     fn record_block_use(&self, id: &str) -> Result<Volume>;
+    /// Records that a node is about to format a volume that never held a filesystem.
+    fn record_formatting(&self, id: &str, fs_type: &str) -> Result<Volume>;
     /// Checks the storage behind a volume against its record.
     fn health(&self, volume: &Volume) -> Health;
     /// Where a node finds the volume's data: for the file pool, the image file.

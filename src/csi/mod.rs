@@ -25,6 +25,7 @@ where
     F: FnOnce() -> Result<T> + Send + 'static,
 {
     let started = Instant::now();
+    let volume_id = &*crate::error::clip(volume_id, 128); // a hostile id must not flood the log
     let res = match tokio::task::spawn_blocking(work).await {
         Ok(r) => r,
         Err(e) => Err(Error::Internal(format!("{method} worker failed: {e}"))),

@@ -579,6 +579,24 @@ impl Host for FakeHost {
         Ok(())
     }
 
+    fn redo_mkfs(&self, device: &Path, fs: FsType) -> Result<()> {
+        let mut st = self.lock();
+        st.record(Call::Mkfs {
+            device: device.to_path_buf(),
+            fs,
+        })?;
+        if st.attached(device)?.1.read_only {
+            return Err(errno(format!("mkfs {}", device.display()), libc::EROFS));
+        }
+        st.formatted += 1;
+        let uuid = format!("00000000-0000-4000-8000-{:012x}", st.formatted);
+        st.attached_contents(device)?.1.probe = Probe::Filesystem {
+            fs_type: fs.as_str().to_string(),
+            uuid: Some(uuid),
+        };
+        Ok(())
+    }
+
     fn mount(&self, device: &Path, target: &Path, fs: &str, opts: &MountOptions) -> Result<()> {
         let mut st = self.lock();
         st.record(Call::Mount {

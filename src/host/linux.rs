@@ -8,8 +8,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -57,13 +59,111 @@ nix::ioctl_read_bad!(
     u64
 );
 
-/// The host of a real Linux machine. Stateless: every answer comes from the kernel.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LinuxHost;
+/// How many mkfs/fsck/resize processes run at once unless configured otherwise. Each can take
+/// hundreds of MiB on a large device; a burst of NodeStage calls must not OOM-kill the plugin.
+pub const DEFAULT_MAX_CONCURRENT_FORMATS: usize = 4;
+
+/// The host of a real Linux machine. Its only state is the bound on concurrent heavy tools:
+/// every answer comes from the kernel.
+#[derive(Debug, Clone)]
+pub struct LinuxHost {
+    heavy: Arc<Slots>,
+}
+
+impl Default for LinuxHost {
+    fn default() -> LinuxHost {
+        LinuxHost::with_max_concurrent_formats(DEFAULT_MAX_CONCURRENT_FORMATS)
+    }
+}
 
 impl LinuxHost {
     pub fn new() -> LinuxHost {
-        LinuxHost
+        LinuxHost::default()
+    }
+
+    /// At most `max` mkfs/fsck/resize processes at once; 0 means no bound.
+    pub fn with_max_concurrent_formats(max: usize) -> LinuxHost {
+        LinuxHost {
+            heavy: Arc::new(Slots::new(max)),
+        }
+    }
+}
+
+/// A counting semaphore for blocking threads (the node's work runs on tokio's blocking pool).
+#[derive(Debug)]
+pub struct Slots {
+    max: usize,
+    state: Mutex<SlotState>,
+    freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    busy: usize,
+    /// Highest `busy` seen, for tests and logs.
+    peak: usize,
+}
+
+/// One claimed slot; dropping it frees the slot.
+pub struct Slot<'a> {
+    slots: &'a Slots,
+}
+
+impl Slots {
+    /// `max` = 0: unbounded.
+    pub fn new(max: usize) -> Slots {
+        Slots {
+            max,
+            state: Mutex::new(SlotState::default()),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Waits until a slot is free, at most `timeout`; the wait counts against the tool's own
+    /// time budget, so a queue of formats cannot hold a NodeStage forever.
+    pub fn acquire(&self, what: &str, timeout: Duration) -> Result<Slot<'_>> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut logged = false;
+        while self.max != 0 && st.busy >= self.max {
+            if !logged {
+                debug!(
+                    what,
+                    busy = st.busy,
+                    max = self.max,
+                    "waiting for a format slot"
+                );
+                logged = true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    command: format!("waiting for a slot to run {what}"),
+                    timeout,
+                });
+            }
+            st = self
+                .freed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.busy += 1;
+        st.peak = st.peak.max(st.busy);
+        Ok(Slot { slots: self })
+    }
+
+    /// The most slots ever held at once.
+    pub fn peak(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).peak
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut st = self.slots.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.busy -= 1;
+        self.slots.freed.notify_one();
     }
 }
 
@@ -100,6 +200,10 @@ impl Host for LinuxHost {
     }
 
     fn mkfs(&self, device: &Path, fs: FsType) -> Result<()> {
+        // The slot first, so the probe below is the last look before the tool runs.
+        let _slot = self
+            .heavy
+            .acquire(&format!("mkfs.{}", fs.as_str()), MKFS_TIMEOUT)?;
         // mkfs.ext4 overwrites an existing filesystem without asking when stdin is not a
         // terminal, so the caller's probe is not enough of a guard: look again right here.
         match self.probe(device)? {
@@ -127,6 +231,28 @@ impl Host for LinuxHost {
                 MKFS_TIMEOUT,
             ),
             FsType::Xfs => run("mkfs.xfs", &[&"-q", &"-K", &device], MKFS_TIMEOUT),
+        }
+        .map(drop)
+    }
+
+    fn redo_mkfs(&self, device: &Path, fs: FsType) -> Result<()> {
+        let _slot = self
+            .heavy
+            .acquire(&format!("mkfs.{}", fs.as_str()), MKFS_TIMEOUT)?;
+        check_readable(device)?;
+        match fs {
+            FsType::Ext4 => run(
+                "mkfs.ext4",
+                &[
+                    &"-q",
+                    &"-F",
+                    &"-E",
+                    &"lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                    &device,
+                ],
+                MKFS_TIMEOUT,
+            ),
+            FsType::Xfs => run("mkfs.xfs", &[&"-q", &"-f", &"-K", &device], MKFS_TIMEOUT),
         }
         .map(drop)
     }
@@ -227,6 +353,7 @@ impl Host for LinuxHost {
     }
 
     fn grow_fs(&self, device: &Path, mount_point: &Path, fs: FsType) -> Result<()> {
+        let _slot = self.heavy.acquire("a filesystem resize", GROW_TIMEOUT)?;
         match fs {
             FsType::Ext4 => run("resize2fs", &[&device], GROW_TIMEOUT),
             FsType::Xfs => run("xfs_growfs", &[&mount_point], GROW_TIMEOUT),
@@ -441,20 +568,34 @@ pub fn run(program: &str, args: &[&dyn AsRef<OsStr>], timeout: Duration) -> Resu
 fn execute(program: &str, args: &[&dyn AsRef<OsStr>], timeout: Duration) -> Result<Output> {
     let line = command_line(program, args);
     debug!(command = %line, "run");
-    let mut child = Command::new(program)
-        .args(args.iter().map(|a| a.as_ref()))
+    let parent = std::process::id();
+    let mut cmd = Command::new(program);
+    cmd.args(args.iter().map(|a| a.as_ref()))
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                Error::MissingTool(program.to_string())
-            } else {
-                Error::io(format!("start {line}"), e)
+        .stderr(Stdio::piped());
+    // A tool must not outlive a killed driver: an orphaned mkfs still writing while the restarted
+    // driver probes the same device could be taken for blank and formatted a second time. The
+    // signal follows the spawning thread, which waits for the child below, so it fires only when
+    // the driver itself dies.
+    // SAFETY: prctl, getppid and raise are async-signal-safe and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            if libc::getppid() as u32 != parent {
+                libc::raise(libc::SIGKILL);
             }
-        })?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::MissingTool(program.to_string())
+        } else {
+            Error::io(format!("start {line}"), e)
+        }
+    })?;
     // Drained on their own threads, so a chatty tool cannot fill a pipe and stall until the timeout.
     let stdout = drain(child.stdout.take());
     let stderr = drain(child.stderr.take());
@@ -638,7 +779,87 @@ mod tests {
         let file = dir.path().join("plain");
         std::fs::write(&file, b"").unwrap();
         for path in [file, dir.path().join("missing")] {
-            assert!(LinuxHost.probe(&path).is_err(), "{}", path.display());
+            assert!(LinuxHost::new().probe(&path).is_err(), "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn heavy_tools_never_exceed_their_slots() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for (max, threads, want_peak) in [(1, 4, 1), (2, 6, 2), (0, 3, 3)] {
+            let slots = Arc::new(Slots::new(max));
+            let running = Arc::new(AtomicUsize::new(0));
+            let seen = Arc::new(AtomicUsize::new(0));
+            let start = Arc::new(std::sync::Barrier::new(threads));
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (slots, running, seen, start) =
+                        (slots.clone(), running.clone(), seen.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        let _slot = slots.acquire("sleep", Duration::from_secs(30)).unwrap();
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        seen.fetch_max(now, Ordering::SeqCst);
+                        run("sleep", &[&"0.2"], Duration::from_secs(10)).unwrap();
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+            assert_eq!(seen.load(Ordering::SeqCst), want_peak, "max {max}");
+            assert_eq!(slots.peak(), want_peak, "max {max}");
+        }
+        // A full set of slots turns into a timeout, not an endless wait.
+        let slots = Slots::new(1);
+        let _held = slots.acquire("first", Duration::from_secs(1)).unwrap();
+        let started = Instant::now();
+        assert!(matches!(
+            slots.acquire("second", Duration::from_millis(100)),
+            Err(Error::Timeout { .. })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn tools_die_with_the_driver() {
+        // A child that forks a grandchild which spawns `sleep` through `run`, then the grandchild
+        // (the "driver") is killed: the sleep must be gone too.
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        // SAFETY: the forked child only calls run() and exits; it is a test process.
+        match unsafe { libc::fork() } {
+            0 => {
+                let script = format!("echo $$ > {}; exec sleep 30", pidfile.display());
+                let _ = run("sh", &[&"-c", &script], Duration::from_secs(60));
+                unsafe { libc::_exit(0) };
+            }
+            pid if pid > 0 => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let tool: i32 = loop {
+                    if let Some(p) = std::fs::read_to_string(&pidfile)
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok())
+                    {
+                        break p;
+                    }
+                    assert!(Instant::now() < deadline, "tool never started");
+                    std::thread::sleep(Duration::from_millis(10));
+                };
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let mut status = 0;
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                // Gone, or a zombie waiting for init to reap it.
+                while std::fs::read_to_string(format!("/proc/{tool}/stat"))
+                    .is_ok_and(|s| !s.contains(") Z"))
+                {
+                    assert!(Instant::now() < deadline, "tool {tool} outlived its driver");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            _ => panic!("fork failed"),
         }
     }
 

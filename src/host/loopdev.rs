@@ -414,8 +414,9 @@ fn read_backing(dir: &Path) -> Result<Option<(PathBuf, bool)>> {
     let mut bytes = match std::fs::read(&file) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        // ENXIO: the device was being torn down while we read.
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+        // ENXIO or ENODEV: the device was being torn down while we read (which of the two
+        // depends on how far the detach got; the crash storm sees both).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENODEV)) => return Ok(None),
         Err(e) => return Err(Error::io(format!("read {}", file.display()), e)),
     };
     if bytes.last() == Some(&b'\n') {

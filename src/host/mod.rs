@@ -154,6 +154,10 @@ pub trait Host: Send + Sync {
     fn probe(&self, device: &Path) -> Result<Probe>;
     /// Creates a filesystem. Only called after `probe` returned `Blank`.
     fn mkfs(&self, device: &Path, fs: FsType) -> Result<()>;
+    /// Creates a filesystem over what an interrupted mkfs of this driver left (forcing the
+    /// tool past the half-written signature). Only called when the pool recorded that the
+    /// format started and the volume was never mounted since.
+    fn redo_mkfs(&self, device: &Path, fs: FsType) -> Result<()>;
     /// Mounts a block device holding a filesystem.
     fn mount(&self, device: &Path, target: &Path, fs: &str, opts: &MountOptions) -> Result<()>;
     /// Bind-mounts `source` (a directory or a device node) onto `target`, read-only if asked.

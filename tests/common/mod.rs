@@ -134,11 +134,23 @@ pub struct Driver {
 
 impl Driver {
     pub fn start(sb: &Sandbox, mode: &str, socket: &Path, max_volumes: u32) -> Driver {
+        Driver::start_with(sb, mode, socket, max_volumes, &[])
+    }
+
+    /// Starts the driver with extra environment variables (fault injection, limits).
+    pub fn start_with(
+        sb: &Sandbox,
+        mode: &str,
+        socket: &Path,
+        max_volumes: u32,
+        env: &[(&str, &str)],
+    ) -> Driver {
         let log = sb.path(&format!(
             "driver-{mode}-{}.log",
             uuid::Uuid::new_v4().simple()
         ));
         let child = Command::new(env!("CARGO_BIN_EXE_blockcsi"))
+            .envs(env.iter().copied())
             .args([
                 "serve",
                 "--mode",
@@ -224,6 +236,7 @@ impl Drop for Driver {
     }
 }
 
+#[derive(Clone)]
 pub struct Client {
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
