@@ -30,6 +30,11 @@ pub enum ServeError {
     },
     #[error("node start-up: {0}")]
     Node(crate::error::Error),
+    #[error("metrics address {address}: {source}")]
+    Metrics {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -77,6 +82,14 @@ async fn shutdown_signal() {
     info!(signal = name, "shutting down: finishing in-flight calls");
 }
 
+/// The runtime of `serve`. The driver's real work runs on the blocking pool (`csi::run`), so
+/// the async side only parses and routes calls; see BENCHMARKS.md for the sizing.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
 pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let pool = FilePool::open(&cfg.pool).map_err(|source| ServeError::Pool {
         path: cfg.pool.display().to_string(),
@@ -111,6 +124,19 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         controller: controller.clone(),
         node: node.clone(),
     };
+    let metrics_server = match &cfg.metrics_address {
+        Some(address) => {
+            crate::metrics::enable(Some(backend.clone()));
+            let listener = crate::metrics::bind(address)
+                .await
+                .map_err(|source| ServeError::Metrics {
+                    address: address.clone(),
+                    source,
+                })?;
+            Some(tokio::spawn(crate::metrics::serve(listener)))
+        }
+        None => None,
+    };
     let listener = bind(&cfg.socket).await?;
     info!(
         mode = ?cfg.mode,
@@ -123,6 +149,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         "serving"
     );
     let result = tonic::transport::Server::builder()
+        .layer(tower::util::option_layer(
+            crate::metrics::enabled().then_some(crate::metrics::RpcLayer),
+        ))
         .add_service(pb::identity_server::IdentityServer::new(identity))
         .add_optional_service(controller.map(|c| {
             pb::controller_server::ControllerServer::new(ControllerService { controller: c })
@@ -133,6 +162,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&cfg.socket);
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     info!("stopped");
     Ok(result?)
 }

@@ -1,0 +1,4 @@
+//! `blockcsi bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {}
+pub fn main(_args: BenchArgs) -> i32 { 0 }
