@@ -318,7 +318,7 @@ fn tools() -> Vec<Check> {
 }
 
 /// Names of `statfs` magic numbers of filesystems a pool may sit on.
-fn fs_name(magic: i64) -> &'static str {
+pub(crate) fn fs_name(magic: i64) -> &'static str {
     match magic {
         0xEF53 => "ext4",
         0x5846_5342 => "xfs",

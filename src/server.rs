@@ -82,12 +82,30 @@ async fn shutdown_signal() {
     info!(signal = name, "shutting down: finishing in-flight calls");
 }
 
-/// The runtime of `serve`. The driver's real work runs on the blocking pool (`csi::run`), so
-/// the async side only parses and routes calls; see BENCHMARKS.md for the sizing.
+/// The runtime of `serve`: one async thread. Every RPC's real work (files, fsync, ioctls,
+/// mkfs) runs on the blocking pool (`csi::run`), so the async side only parses and routes calls;
+/// a single thread does that with lower latency than a work-stealing pool (no cross-thread
+/// wake-ups) and with fewer threads and arenas, which is most of an idle node's memory.
+/// Measurements in BENCHMARKS.md.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    limit_malloc_arenas();
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Blocking threads exit after this long idle, returning their stacks.
+        .thread_keep_alive(std::time::Duration::from_secs(10))
         .build()
+}
+
+/// glibc gives each thread that allocates its own malloc arena (up to 8 per core), and freed
+/// arena memory is rarely returned: after a burst of calls on many blocking threads the
+/// process keeps the high-water mark. Two arenas are plenty for a driver whose threads mostly
+/// wait on the kernel.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 pub async fn serve(cfg: Config) -> Result<(), ServeError> {
