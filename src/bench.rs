@@ -25,7 +25,8 @@ type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const NODE: &str = "bench-node";
 const GIB: i64 = 1 << 30;
-const BEGIN: &str = "<!-- bench:begin (written by `blockcsi bench`; edit outside these markers) -->";
+const BEGIN: &str =
+    "<!-- bench:begin (written by `blockcsi bench`; edit outside these markers) -->";
 const END: &str = "<!-- bench:end -->";
 
 #[derive(Debug, Clone, Args)]
@@ -80,7 +81,10 @@ pub fn main(args: BenchArgs) -> i32 {
     }
     // Worker threads besides the one blocked in `run`: tonic's channels close their
     // connections from background tasks, and a driver's graceful stop waits for that.
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: runtime: {e}");
@@ -123,7 +127,10 @@ impl Drop for Scratch {
             }
         }
         if let Ok(devs) = crate::host::loopdev::list() {
-            for d in devs.iter().filter(|d| d.backing_file.starts_with(&self.dir)) {
+            for d in devs
+                .iter()
+                .filter(|d| d.backing_file.starts_with(&self.dir))
+            {
                 let _ = crate::host::loopdev::detach(d);
             }
         }
@@ -140,9 +147,23 @@ struct Driver {
 }
 
 impl Driver {
-    fn spawn(binary: &Path, mode: &str, socket: &Path, pool: &Path, log: &Path) -> BenchResult<Driver> {
+    fn spawn(
+        binary: &Path,
+        mode: &str,
+        socket: &Path,
+        pool: &Path,
+        log: &Path,
+    ) -> BenchResult<Driver> {
         let child = Command::new(binary)
-            .args(["serve", "--mode", mode, "--node-id", NODE, "--log-level", "warn"])
+            .args([
+                "serve",
+                "--mode",
+                mode,
+                "--node-id",
+                NODE,
+                "--log-level",
+                "warn",
+            ])
             .arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
             .arg("--pool")
@@ -499,7 +520,11 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
     let scratch = Scratch { dir, remove };
     let mut rows = Vec::new();
     let machine = machine(&scratch.dir);
-    println!("blockcsi bench in {}{}", scratch.dir.display(), if args.quick { " (quick)" } else { "" });
+    println!(
+        "blockcsi bench in {}{}",
+        scratch.dir.display(),
+        if args.quick { " (quick)" } else { "" }
+    );
     for (k, v) in &machine {
         println!("  {k}: {v}");
     }
@@ -507,7 +532,13 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
     // 1. Lifecycles through one all-mode driver against the shell tools, interleaved so both
     // see the same machine state.
     let pool = scratch.path("pool");
-    let mut all = Driver::spawn(&binary, "all", &scratch.path("all.sock"), &pool, &scratch.path("all.log"))?;
+    let mut all = Driver::spawn(
+        &binary,
+        "all",
+        &scratch.path("all.sock"),
+        &pool,
+        &scratch.path("all.log"),
+    )?;
     all.wait_ready(Instant::now())?;
     let mut c = Client::connect(&all.socket).await?;
     let shell_mount = scratch.path("mount.sh");
@@ -529,7 +560,16 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
             let mut node = c.clone();
             let started = Instant::now();
             let st = if i > 0 { &mut steps } else { &mut warm };
-            lifecycle(&mut c, &mut node, &format!("bench-{kind}-{i}"), &staging, &target, block, st).await?;
+            lifecycle(
+                &mut c,
+                &mut node,
+                &format!("bench-{kind}-{i}"),
+                &staging,
+                &target,
+                block,
+                st,
+            )
+            .await?;
             let d = started.elapsed();
             let s = run_shell(
                 script,
@@ -547,13 +587,27 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
         let (d, s) = (median(&mut drv), median(&mut sh));
         let ratio = d.as_secs_f64() / s.as_secs_f64();
         let r = [
-            row(format!("{kind} lifecycle, driver (8 RPCs), median of {}", drv.len()), ms(d)),
-            row(format!("{kind} lifecycle, median ms per call"), steps.medians()),
-            row(format!("{kind} lifecycle, shell tools, median of {}", sh.len()), ms(s)),
+            row(
+                format!("{kind} lifecycle, driver (8 RPCs), median of {}", drv.len()),
+                ms(d),
+            ),
+            row(
+                format!("{kind} lifecycle, median ms per call"),
+                steps.medians(),
+            ),
+            row(
+                format!("{kind} lifecycle, shell tools, median of {}", sh.len()),
+                ms(s),
+            ),
             if block {
                 row("block lifecycle ratio driver/shell", format!("{ratio:.2}x"))
             } else {
-                target("mount lifecycle ratio driver/shell", format!("{ratio:.2}x"), "<= 0.80x", ratio <= 0.8)
+                target(
+                    "mount lifecycle ratio driver/shell",
+                    format!("{ratio:.2}x"),
+                    "<= 0.80x",
+                    ratio <= 0.8,
+                )
             },
         ];
         for x in r {
@@ -614,13 +668,19 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
                 rate >= 1000.0,
             )
         } else {
-            row(format!("CreateVolume+DeleteVolume pairs/s, {clients} clients"), format!("{rate:.0}/s"))
+            row(
+                format!("CreateVolume+DeleteVolume pairs/s, {clients} clients"),
+                format!("{rate:.0}/s"),
+            )
         };
         print_row(&r);
         rows.push(r);
     }
 
-    let r = row("RSS, all-mode process after the throughput runs", mib(all.rss()));
+    let r = row(
+        "RSS, all-mode process after the throughput runs",
+        mib(all.rss()),
+    );
     print_row(&r);
     rows.push(r);
 
@@ -639,14 +699,28 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
     let mut info = Vec::with_capacity(args.probes);
     for _ in 0..args.probes {
         let started = Instant::now();
-        c.identity.get_plugin_info(pb::GetPluginInfoRequest {}).await?;
+        c.identity
+            .get_plugin_info(pb::GetPluginInfoRequest {})
+            .await?;
         info.push(started.elapsed());
     }
     info.sort();
     for r in [
-        target(format!("Probe p50 over the socket ({} calls)", lat.len()), us(p50), "<= 100 us", p50 <= Duration::from_micros(100)),
+        target(
+            format!("Probe p50 over the socket ({} calls)", lat.len()),
+            us(p50),
+            "<= 100 us",
+            p50 <= Duration::from_micros(100),
+        ),
         row("Probe p99 over the socket", us(p99)),
-        row("GetPluginInfo p50 / p99 (transport alone)", format!("{} / {}", us(percentile(&info, 0.5)), us(percentile(&info, 0.99)))),
+        row(
+            "GetPluginInfo p50 / p99 (transport alone)",
+            format!(
+                "{} / {}",
+                us(percentile(&info, 0.5)),
+                us(percentile(&info, 0.99))
+            ),
+        ),
     ] {
         print_row(&r);
         rows.push(r);
@@ -656,8 +730,20 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
 
     // 4. RSS of separate node and controller processes, idle and after many lifecycles.
     let pool2 = scratch.path("pool-split");
-    let mut ctrl = Driver::spawn(&binary, "controller", &scratch.path("ctrl.sock"), &pool2, &scratch.path("ctrl.log"))?;
-    let mut node = Driver::spawn(&binary, "node", &scratch.path("node.sock"), &pool2, &scratch.path("node.log"))?;
+    let mut ctrl = Driver::spawn(
+        &binary,
+        "controller",
+        &scratch.path("ctrl.sock"),
+        &pool2,
+        &scratch.path("ctrl.log"),
+    )?;
+    let mut node = Driver::spawn(
+        &binary,
+        "node",
+        &scratch.path("node.sock"),
+        &pool2,
+        &scratch.path("node.log"),
+    )?;
     ctrl.wait_ready(Instant::now())?;
     node.wait_ready(Instant::now())?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -672,7 +758,16 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
     for i in 0..args.soak {
         let staging = scratch.path("soak-staging");
         let target = scratch.path("pods/soak");
-        lifecycle(&mut cc, &mut nc, &format!("soak-{i}"), &staging, &target, false, &mut soak_steps).await?;
+        lifecycle(
+            &mut cc,
+            &mut nc,
+            &format!("soak-{i}"),
+            &staging,
+            &target,
+            false,
+            &mut soak_steps,
+        )
+        .await?;
         if i + 1 == early {
             node_early = node.rss();
             ctrl_early = ctrl.rss();
@@ -683,11 +778,25 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
     let growth = node_end as i64 - node_early as i64;
     let cgrowth = ctrl_end as i64 - ctrl_early as i64;
     for r in [
-        target("RSS, idle node-mode process", mib(node_idle), "<= 8 MiB", node_idle <= 8 << 20),
+        target(
+            "RSS, idle node-mode process",
+            mib(node_idle),
+            "<= 8 MiB",
+            node_idle <= 8 << 20,
+        ),
         row("RSS, idle controller-mode process", mib(ctrl_idle)),
-        row("threads, idle node / controller", format!("{node_threads_idle} / {ctrl_threads_idle}")),
-        row(format!("RSS, node after {early} / {} mount lifecycles", args.soak), format!("{} / {}", mib(node_early), mib(node_end))),
-        row(format!("RSS, controller after {early} / {} lifecycles", args.soak), format!("{} / {}", mib(ctrl_early), mib(ctrl_end))),
+        row(
+            "threads, idle node / controller",
+            format!("{node_threads_idle} / {ctrl_threads_idle}"),
+        ),
+        row(
+            format!("RSS, node after {early} / {} mount lifecycles", args.soak),
+            format!("{} / {}", mib(node_early), mib(node_end)),
+        ),
+        row(
+            format!("RSS, controller after {early} / {} lifecycles", args.soak),
+            format!("{} / {}", mib(ctrl_early), mib(ctrl_end)),
+        ),
         target(
             format!("RSS growth, node, lifecycle {early} to {}", args.soak),
             format!("{:+.2} MiB", growth as f64 / 1048576.0),
@@ -723,7 +832,10 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
     }
     let start = median(&mut starts);
     let r = target(
-        format!("start-up to a served socket, node mode, median of {}", starts.len()),
+        format!(
+            "start-up to a served socket, node mode, median of {}",
+            starts.len()
+        ),
         ms(start),
         "<= 50 ms",
         start <= Duration::from_millis(50),
@@ -735,7 +847,10 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
     let size = std::fs::metadata(&binary)?.len();
     let stripped = !has_symtab(&std::fs::read(&binary)?);
     let r = target(
-        format!("release binary size ({})", if stripped { "stripped" } else { "NOT stripped" }),
+        format!(
+            "release binary size ({})",
+            if stripped { "stripped" } else { "NOT stripped" }
+        ),
         format!("{:.2} MB", size as f64 / 1e6),
         "<= 15 MB",
         size <= 15_000_000,
@@ -753,13 +868,23 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
 /// Whether an ELF64 little-endian file has a symbol table section (SHT_SYMTAB): what `strip`
 /// removes.
 fn has_symtab(elf: &[u8]) -> bool {
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize);
+    let u16_at = |o: usize| {
+        elf.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+    };
     if elf.get(..5) != Some(b"\x7fELF\x02") {
         return false;
     }
-    let (Some(shoff), Some(shentsize), Some(shnum)) = (u64_at(0x28), u16_at(0x3A), u16_at(0x3C)) else {
+    let (Some(shoff), Some(shentsize), Some(shnum)) = (u64_at(0x28), u16_at(0x3A), u16_at(0x3C))
+    else {
         return false;
     };
     (0..shnum).any(|i| u32_at(shoff + i * shentsize + 4) == Some(2))
@@ -800,10 +925,14 @@ fn machine(dir: &Path) -> Vec<(String, String)> {
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
+    // The magic's integer type differs between C libraries.
+    #[allow(clippy::unnecessary_cast)]
     let fs = nix::sys::statfs::statfs(dir)
         .map(|s| crate::doctor::fs_name(s.filesystem_type().0 as i64).to_string())
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     vec![
         ("cpu".into(), format!("{cpu}, {cores} cores")),
         ("memory".into(), mem),
@@ -815,18 +944,36 @@ fn machine(dir: &Path) -> Vec<(String, String)> {
     ]
 }
 
-fn write_report(path: &Path, machine: &[(String, String)], rows: &[Row], args: &BenchArgs) -> BenchResult<()> {
+fn write_report(
+    path: &Path,
+    machine: &[(String, String)],
+    rows: &[Row],
+    args: &BenchArgs,
+) -> BenchResult<()> {
     let mut s = String::new();
     writeln!(s, "{BEGIN}")?;
     writeln!(s)?;
-    let date = Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     writeln!(
         s,
         "Run of {date}{}: {} timed lifecycles per kind, {} soak lifecycles, {} pairs per \
          concurrency level, {} probes, {} start-ups.",
-        if args.quick { " (quick mode: rough figures)" } else { "" },
-        args.iterations, args.soak, args.pairs, args.probes, args.startups
+        if args.quick {
+            " (quick mode: rough figures)"
+        } else {
+            ""
+        },
+        args.iterations,
+        args.soak,
+        args.pairs,
+        args.probes,
+        args.startups
     )?;
     writeln!(s)?;
     writeln!(s, "| machine | |")?;
@@ -843,7 +990,11 @@ fn write_report(path: &Path, machine: &[(String, String)], rows: &[Row], args: &
             Some(false) => "**missed**",
             None => "",
         };
-        writeln!(s, "| {} | {} | {} | {verdict} |", r.what, r.figure, r.target)?;
+        writeln!(
+            s,
+            "| {} | {} | {} | {verdict} |",
+            r.what, r.figure, r.target
+        )?;
     }
     writeln!(s)?;
     write!(s, "{END}")?;

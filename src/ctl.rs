@@ -231,7 +231,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
         "Ti" => 1 << 40,
-        _ => return Err(format!("{s:?}: unknown size suffix {suffix:?} (use Ki, Mi, Gi, Ti, K, M, G or T)")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown size suffix {suffix:?} (use Ki, Mi, Gi, Ti, K, M, G or T)"
+            ))
+        }
     };
     n.checked_mul(mult)
         .filter(|&b| b <= i64::MAX as u64)
@@ -324,10 +328,7 @@ pub fn main(args: CtlArgs) -> i32 {
                     }
                     CtlError::Other(m) => ("CLIENT", m.clone()),
                 };
-                println!(
-                    "{}",
-                    json!({"error": {"code": code, "message": message}})
-                );
+                println!("{}", json!({"error": {"code": code, "message": message}}));
             }
             eprintln!("error: {e}");
             1
@@ -397,7 +398,10 @@ async fn info(c: &mut Clients) -> Result<Output, CtlError> {
     // Probe's failure is an answer worth showing, not a reason to stop.
     let (ready, probe_error) = match c.identity.probe(pb::ProbeRequest {}).await {
         Ok(r) => (r.into_inner().ready.unwrap_or(true), None),
-        Err(s) => (false, Some(format!("{}: {}", code_name(s.code()), s.message()))),
+        Err(s) => (
+            false,
+            Some(format!("{}: {}", code_name(s.code()), s.message())),
+        ),
     };
     // A node-mode driver serves no Controller service and a controller-mode one no Node
     // service: UNIMPLEMENTED there just means "not in this process".
@@ -522,7 +526,11 @@ fn segments<'a>(s: impl IntoIterator<Item = (&'a String, &'a String)>) -> String
         .join(",")
 }
 
-fn volume_json(v: &pb::Volume, published: Option<&[String]>, cond: Option<&pb::VolumeCondition>) -> Value {
+fn volume_json(
+    v: &pb::Volume,
+    published: Option<&[String]>,
+    cond: Option<&pb::VolumeCondition>,
+) -> Value {
     let mut j = json!({
         "volume_id": v.volume_id,
         "capacity_bytes": v.capacity_bytes,
@@ -531,7 +539,9 @@ fn volume_json(v: &pb::Volume, published: Option<&[String]>, cond: Option<&pb::V
     });
     if let Some(src) = &v.content_source {
         j["content_source"] = match &src.r#type {
-            Some(pb::volume_content_source::Type::Snapshot(s)) => json!({"snapshot_id": s.snapshot_id}),
+            Some(pb::volume_content_source::Type::Snapshot(s)) => {
+                json!({"snapshot_id": s.snapshot_id})
+            }
             Some(pb::volume_content_source::Type::Volume(s)) => json!({"volume_id": s.volume_id}),
             None => Value::Null,
         };
@@ -545,7 +555,11 @@ fn volume_json(v: &pb::Volume, published: Option<&[String]>, cond: Option<&pb::V
     j
 }
 
-fn volume_row(v: &pb::Volume, published: Option<&[String]>, cond: Option<&pb::VolumeCondition>) -> Vec<String> {
+fn volume_row(
+    v: &pb::Volume,
+    published: Option<&[String]>,
+    cond: Option<&pb::VolumeCondition>,
+) -> Vec<String> {
     vec![
         v.volume_id.clone(),
         human_bytes(v.capacity_bytes),
@@ -592,7 +606,8 @@ fn abs_path(p: &Path) -> Result<String, CtlError> {
     if p.is_absolute() {
         return path_str(p);
     }
-    let cwd = std::env::current_dir().map_err(|e| CtlError::Other(format!("current directory: {e}")))?;
+    let cwd =
+        std::env::current_dir().map_err(|e| CtlError::Other(format!("current directory: {e}")))?;
     path_str(&cwd.join(p))
 }
 
@@ -630,7 +645,8 @@ async fn volume(c: &mut Clients, cmd: &VolumeCommand) -> Result<Output, CtlError
                     }),
                     volume_capabilities: vec![cap.capability()],
                     parameters: params.iter().cloned().collect(),
-                    volume_content_source: source.map(|t| pb::VolumeContentSource { r#type: Some(t) }),
+                    volume_content_source: source
+                        .map(|t| pb::VolumeContentSource { r#type: Some(t) }),
                     ..Default::default()
                 })
                 .await
@@ -640,7 +656,10 @@ async fn volume(c: &mut Clients, cmd: &VolumeCommand) -> Result<Output, CtlError
                 .unwrap_or_default();
             Ok(Output::new(
                 volume_json(&v, None, None),
-                table(&VOLUME_HEADER[..3], &[volume_row(&v, None, None)[..3].to_vec()]),
+                table(
+                    &VOLUME_HEADER[..3],
+                    &[volume_row(&v, None, None)[..3].to_vec()],
+                ),
             ))
         }
         VolumeCommand::List => {
@@ -698,7 +717,10 @@ async fn volume(c: &mut Clients, cmd: &VolumeCommand) -> Result<Output, CtlError
                 })
                 .await
                 .map_err(rpc("DeleteVolume"))?;
-            done(json!({"volume_id": volume_id, "deleted": true}), format!("deleted {volume_id}"))
+            done(
+                json!({"volume_id": volume_id, "deleted": true}),
+                format!("deleted {volume_id}"),
+            )
         }
         VolumeCommand::Publish {
             volume_id,
@@ -841,8 +863,19 @@ async fn volume(c: &mut Clients, cmd: &VolumeCommand) -> Result<Output, CtlError
                 .usage
                 .iter()
                 .map(|u| {
-                    let f = |n: i64| if u.unit == pb::volume_usage::Unit::Bytes as i32 { human_bytes(n) } else { n.to_string() };
-                    vec![unit(u.unit).to_string(), f(u.total), f(u.used), f(u.available)]
+                    let f = |n: i64| {
+                        if u.unit == pb::volume_usage::Unit::Bytes as i32 {
+                            human_bytes(n)
+                        } else {
+                            n.to_string()
+                        }
+                    };
+                    vec![
+                        unit(u.unit).to_string(),
+                        f(u.total),
+                        f(u.used),
+                        f(u.available),
+                    ]
                 })
                 .collect();
             let cond = r.volume_condition.as_ref();
@@ -850,7 +883,11 @@ async fn volume(c: &mut Clients, cmd: &VolumeCommand) -> Result<Output, CtlError
             if let Some(c) = cond {
                 text.push_str(&format!(
                     "condition: {}\n",
-                    if c.abnormal { format!("ABNORMAL: {}", c.message) } else { "ok".into() }
+                    if c.abnormal {
+                        format!("ABNORMAL: {}", c.message)
+                    } else {
+                        "ok".into()
+                    }
                 ));
             }
             Ok(Output::new(
@@ -894,7 +931,11 @@ async fn volume(c: &mut Clients, cmd: &VolumeCommand) -> Result<Output, CtlError
                             required_bytes: *size as i64,
                             limit_bytes: 0,
                         }),
-                        staging_target_path: staging_path.as_deref().map(abs_path).transpose()?.unwrap_or_default(),
+                        staging_target_path: staging_path
+                            .as_deref()
+                            .map(abs_path)
+                            .transpose()?
+                            .unwrap_or_default(),
                         ..Default::default()
                     })
                     .await
@@ -916,7 +957,11 @@ async fn volume(c: &mut Clients, cmd: &VolumeCommand) -> Result<Output, CtlError
                 format!(
                     "expanded {volume_id} to {}{}",
                     human_bytes(capacity),
-                    if pending { " (the node must still grow the filesystem: repeat with --path)" } else { "" }
+                    if pending {
+                        " (the node must still grow the filesystem: repeat with --path)"
+                    } else {
+                        ""
+                    }
                 ),
             )
         }
@@ -959,7 +1004,10 @@ async fn snapshot(c: &mut Clients, cmd: &SnapshotCommand) -> Result<Output, CtlE
                 .into_inner()
                 .snapshot
                 .unwrap_or_default();
-            Ok(Output::new(snapshot_json(&s), table(&SNAPSHOT_HEADER, &[snapshot_row(&s)])))
+            Ok(Output::new(
+                snapshot_json(&s),
+                table(&SNAPSHOT_HEADER, &[snapshot_row(&s)]),
+            ))
         }
         SnapshotCommand::List { volume } => {
             let mut snaps = Vec::new();
@@ -983,7 +1031,10 @@ async fn snapshot(c: &mut Clients, cmd: &SnapshotCommand) -> Result<Output, CtlE
             }
             Ok(Output::new(
                 Value::Array(snaps.iter().map(snapshot_json).collect()),
-                table(&SNAPSHOT_HEADER, &snaps.iter().map(snapshot_row).collect::<Vec<_>>()),
+                table(
+                    &SNAPSHOT_HEADER,
+                    &snaps.iter().map(snapshot_row).collect::<Vec<_>>(),
+                ),
             ))
         }
         SnapshotCommand::Delete { snapshot_id } => {
@@ -1093,7 +1144,10 @@ mod tests {
     fn tables_align_columns() {
         let t = table(
             &["A", "LONG HEADER"],
-            &[vec!["xxxx".into(), "1".into()], vec!["y".into(), "2".into()]],
+            &[
+                vec!["xxxx".into(), "1".into()],
+                vec!["y".into(), "2".into()],
+            ],
         );
         assert_eq!(t, "A     LONG HEADER\nxxxx  1\ny     2\n");
         assert_eq!(table(&["A", "B"], &[]), "A  B\n(none)\n");

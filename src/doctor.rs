@@ -196,7 +196,11 @@ fn attach_test(pool: &Path) -> Check {
         }
     };
     if let Err(e) = file.as_file().set_len(1 << 20) {
-        return fail(name, format!("cannot size the test image: {e}"), "check free space");
+        return fail(
+            name,
+            format!("cannot size the test image: {e}"),
+            "check free space",
+        );
     }
     // The kernel reports backing files with symlinks resolved; so must we, for detach to match.
     let image = std::fs::canonicalize(file.path()).unwrap_or_else(|_| file.path().to_path_buf());
@@ -281,10 +285,12 @@ fn free_loops() -> Check {
 /// Where a tool is on PATH, as the driver will look for it.
 fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| {
-        p.metadata()
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 fn tools() -> Vec<Check> {
@@ -367,6 +373,8 @@ fn pool(pool: &Path) -> Vec<Check> {
             )]
         }
     };
+    // The magic's integer type differs between C libraries.
+    #[allow(clippy::unnecessary_cast)]
     let magic = st.filesystem_type().0 as i64;
     let fs = fs_name(magic);
     let writable = tempfile::tempfile_in(pool).map(drop);
@@ -376,9 +384,7 @@ fn pool(pool: &Path) -> Vec<Check> {
             format!("{} is not writable: {e}", pool.display()),
             "the node writes volume records and images there; fix permissions or the mount",
         ),
-        (Ok(()), "ext4" | "xfs" | "btrfs") => {
-            ok(name, format!("{} on {fs}", pool.display()))
-        }
+        (Ok(()), "ext4" | "xfs" | "btrfs") => ok(name, format!("{} on {fs}", pool.display())),
         (Ok(()), "tmpfs") => warn(
             name,
             format!("{} on tmpfs", pool.display()),
@@ -436,7 +442,7 @@ fn free_space(pool: &Path, st: &nix::sys::statfs::Statfs) -> Check {
     let bsize = st.block_size() as u64;
     let total = st.blocks() * bsize;
     let avail = st.blocks_available() * bsize;
-    let pct = if total > 0 { avail * 100 / total } else { 0 };
+    let pct = (avail * 100).checked_div(total).unwrap_or(0);
     let detail = format!(
         "{} free of {} ({pct}%) in {}",
         crate::ctl::human_bytes(avail as i64),
@@ -445,7 +451,11 @@ fn free_space(pool: &Path, st: &nix::sys::statfs::Statfs) -> Check {
     );
     const MIN: u64 = 64 << 20;
     if avail < MIN {
-        fail(name, detail, "volumes cannot be created or written: free space in the pool")
+        fail(
+            name,
+            detail,
+            "volumes cannot be created or written: free space in the pool",
+        )
     } else if pct < 10 || avail < 1 << 30 {
         warn(
             name,
@@ -461,23 +471,28 @@ fn free_space(pool: &Path, st: &nix::sys::statfs::Statfs) -> Check {
 /// the optional fields of mountinfo).
 fn propagation(kubelet_dir: &Path) -> Check {
     let name = "mount propagation";
-    let dir = match std::fs::canonicalize(kubelet_dir) {
-        Ok(d) => d,
-        Err(e) => {
-            return warn(
+    let dir =
+        match std::fs::canonicalize(kubelet_dir) {
+            Ok(d) => d,
+            Err(e) => return warn(
                 name,
                 format!("{}: {e}", kubelet_dir.display()),
                 "not a Kubernetes node? pass --kubelet-dir when the kubelet's root is elsewhere",
-            )
-        }
-    };
+            ),
+        };
     let raw = match std::fs::read("/proc/self/mountinfo") {
         Ok(r) => r,
         Err(e) => return fail(name, format!("read mountinfo: {e}"), "is /proc mounted?"),
     };
     let entries = match crate::host::mountinfo::parse_bytes(&raw) {
         Ok(e) => e,
-        Err(e) => return fail(name, format!("parse mountinfo: {e}"), "report this as a bug"),
+        Err(e) => {
+            return fail(
+                name,
+                format!("parse mountinfo: {e}"),
+                "report this as a bug",
+            )
+        }
     };
     // The last mount at the longest prefix is the one that covers the directory.
     let Some(m) = entries
@@ -485,7 +500,11 @@ fn propagation(kubelet_dir: &Path) -> Check {
         .filter(|m| dir.starts_with(&m.mount_point))
         .max_by_key(|m| m.mount_point.as_os_str().len())
     else {
-        return fail(name, format!("no mount covers {}", dir.display()), "is /proc mounted?");
+        return fail(
+            name,
+            format!("no mount covers {}", dir.display()),
+            "is /proc mounted?",
+        );
     };
     let fields = optional_fields(&raw, m.mount_id);
     let shared = fields.iter().any(|f| f.starts_with("shared:"));
@@ -534,10 +553,20 @@ fn socket_dir(endpoint: &str) -> Check {
     let name = "socket directory";
     let socket = match socket_path(endpoint) {
         Ok(s) => s,
-        Err(e) => return fail(name, e.to_string(), "use --endpoint unix:///absolute/path.sock"),
+        Err(e) => {
+            return fail(
+                name,
+                e.to_string(),
+                "use --endpoint unix:///absolute/path.sock",
+            )
+        }
     };
     let Some(dir) = socket.parent() else {
-        return fail(name, "the socket has no directory", "use a path inside a directory");
+        return fail(
+            name,
+            "the socket has no directory",
+            "use a path inside a directory",
+        );
     };
     // The driver creates the directory when missing: then its nearest existing ancestor must be
     // writable.
@@ -552,7 +581,11 @@ fn socket_dir(endpoint: &str) -> Check {
         Ok(_) if existing == dir => ok(name, format!("{} is writable", dir.display())),
         Ok(_) => ok(
             name,
-            format!("{} will be created in {}", dir.display(), existing.display()),
+            format!(
+                "{} will be created in {}",
+                dir.display(),
+                existing.display()
+            ),
         ),
         Err(e) => fail(
             name,

@@ -206,8 +206,10 @@ fn method_label(path: &str) -> Cow<'static, str> {
     };
     match rest.split_once('/') {
         Some((service, method))
-            if matches!(service, "Identity" | "Controller" | "Node" | "GroupController")
-                && !method.is_empty()
+            if matches!(
+                service,
+                "Identity" | "Controller" | "Node" | "GroupController"
+            ) && !method.is_empty()
                 && method.len() <= 64
                 && method.bytes().all(|b| b.is_ascii_alphanumeric()) =>
         {
@@ -274,11 +276,9 @@ where
         let Some(m) = METRICS.get() else {
             return Box::pin(fut);
         };
-        let gauge = m
-            .in_flight
-            .get_or_create_owned(&MethodLabel {
-                method: method.clone(),
-            });
+        let gauge = m.in_flight.get_or_create_owned(&MethodLabel {
+            method: method.clone(),
+        });
         gauge.inc();
         let guard = InFlight { gauge };
         let started = Instant::now();
@@ -487,7 +487,14 @@ async fn handle(mut stream: TcpStream) -> std::io::Result<()> {
     .await
     .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     if !complete {
-        return respond(&mut stream, "400 Bad Request", "text/plain", b"bad request\n", true).await;
+        return respond(
+            &mut stream,
+            "400 Bad Request",
+            "text/plain",
+            b"bad request\n",
+            true,
+        )
+        .await;
     }
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
@@ -508,7 +515,16 @@ async fn handle(mut stream: TcpStream) -> std::io::Result<()> {
             )
             .await
         }
-        _ => respond(&mut stream, "404 Not Found", "text/plain", b"not found\n", method != "HEAD").await,
+        _ => {
+            respond(
+                &mut stream,
+                "404 Not Found",
+                "text/plain",
+                b"not found\n",
+                method != "HEAD",
+            )
+            .await
+        }
     }
 }
 
@@ -577,7 +593,13 @@ mod tests {
                 "{text}"
             );
         }
-        assert!(text.contains("blockcsi_node_stage_phase_duration_seconds_count{phase=\"format\"} 1"), "{text}");
-        assert!(text.contains("blockcsi_process_resident_memory_bytes "), "{text}");
+        assert!(
+            text.contains("blockcsi_node_stage_phase_duration_seconds_count{phase=\"format\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("blockcsi_process_resident_memory_bytes "),
+            "{text}"
+        );
     }
 }

@@ -145,12 +145,13 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let metrics_server = match &cfg.metrics_address {
         Some(address) => {
             crate::metrics::enable(Some(backend.clone()));
-            let listener = crate::metrics::bind(address)
-                .await
-                .map_err(|source| ServeError::Metrics {
-                    address: address.clone(),
-                    source,
-                })?;
+            let listener =
+                crate::metrics::bind(address)
+                    .await
+                    .map_err(|source| ServeError::Metrics {
+                        address: address.clone(),
+                        source,
+                    })?;
             Some(tokio::spawn(crate::metrics::serve(listener)))
         }
         None => None,

@@ -49,7 +49,15 @@ async fn metrics_endpoint_serves_rpc_phase_and_pool_families() {
     let socket = sb.socket();
     let log = sb.path("driver.log");
     let mut child = Command::new(BIN)
-        .args(["serve", "--mode", "all", "--node-id", NODE, "--log-format", "json"])
+        .args([
+            "serve",
+            "--mode",
+            "all",
+            "--node-id",
+            NODE,
+            "--log-format",
+            "json",
+        ])
         .arg("--endpoint")
         .arg(format!("unix://{}", socket.display()))
         .arg("--pool")
@@ -171,7 +179,10 @@ fn ctl_json(endpoint: &str, args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("ctl {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        panic!(
+            "ctl {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     })
 }
 
@@ -194,7 +205,10 @@ fn ctl_round_trip() {
 
     let list = ctl_json(&ep, &["volume", "list"]);
     assert!(
-        list.as_array().unwrap().iter().any(|v| v["volume_id"] == id.as_str()),
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["volume_id"] == id.as_str()),
         "{list}"
     );
     ctl_json(&ep, &["volume", "publish", &id]);
@@ -204,7 +218,15 @@ fn ctl_round_trip() {
     ctl_json(&ep, &["volume", "stage", &id, "--staging-path", &staging]);
     ctl_json(
         &ep,
-        &["volume", "mount", &id, "--staging-path", &staging, "--target", &target],
+        &[
+            "volume",
+            "mount",
+            &id,
+            "--staging-path",
+            &staging,
+            "--target",
+            &target,
+        ],
     );
     assert!(sb.mounts().contains(&target), "{:?}", sb.mounts());
     let stats = ctl_json(&ep, &["volume", "stats", &id, "--path", &target]);
@@ -223,11 +245,22 @@ fn ctl_round_trip() {
     assert_eq!(ctl_json(&ep, &["volume", "list"]), serde_json::json!([]));
 
     // Errors: the gRPC code, on stderr and in the JSON, and a non-zero exit.
-    let out = ctl(&ep, &["volume", "get", "vol-00000000000000000000000000000000"]);
+    let out = ctl(
+        &ep,
+        &["volume", "get", "vol-00000000000000000000000000000000"],
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NOT_FOUND"), "{err}");
-    let out = ctl(&ep, &["--json", "volume", "get", "vol-00000000000000000000000000000000"]);
+    let out = ctl(
+        &ep,
+        &[
+            "--json",
+            "volume",
+            "get",
+            "vol-00000000000000000000000000000000",
+        ],
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["error"]["code"], "NOT_FOUND");
 
@@ -246,7 +279,10 @@ fn doctor(args: &[&str]) -> (i32, Vec<Value>) {
         .output()
         .unwrap();
     let checks: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("doctor printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        panic!(
+            "doctor printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     });
     (out.status.code().unwrap(), checks)
 }
@@ -287,7 +323,9 @@ fn doctor_passes_here_and_fails_on_a_missing_pool() {
     let missing = sb.path("no-such-pool");
     let (code, checks) = doctor(&["--pool", missing.to_str().unwrap(), "--endpoint", &endpoint]);
     assert_eq!(status_of(&checks, "pool"), "FAIL", "{checks:?}");
-    assert!(checks.iter().all(|c| c["status"] != "FAIL" || c["hint"].is_string()));
+    assert!(checks
+        .iter()
+        .all(|c| c["status"] != "FAIL" || c["hint"].is_string()));
     assert_eq!(code, 1);
 
     // The text form: one line a check, starting with its status.
@@ -297,8 +335,16 @@ fn doctor_passes_here_and_fails_on_a_missing_pool() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.lines().any(|l| l.starts_with("FAIL") && l.contains("pool")), "{text}");
-    assert!(text.lines().all(|l| ["OK ", "WARN", "FAIL"].iter().any(|p| l.starts_with(p))), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("pool")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .all(|l| ["OK ", "WARN", "FAIL"].iter().any(|p| l.starts_with(p))),
+        "{text}"
+    );
     sb.assert_no_leaks();
 }
 
@@ -310,7 +356,20 @@ fn bench_quick_mode_runs_and_writes_its_table() {
     let out_file = sb.path("BENCHMARKS.md");
     std::fs::write(&out_file, "# Benchmarks\n\nnotes kept\n").unwrap();
     let out = Command::new(BIN)
-        .args(["bench", "--quick", "--iterations", "1", "--soak", "4", "--pairs", "16", "--probes", "20", "--startups", "1"])
+        .args([
+            "bench",
+            "--quick",
+            "--iterations",
+            "1",
+            "--soak",
+            "4",
+            "--pairs",
+            "16",
+            "--probes",
+            "20",
+            "--startups",
+            "1",
+        ])
         .arg("--dir")
         .arg(sb.path("bench"))
         .arg("--out")
