@@ -29,6 +29,17 @@ impl Mode {
     }
 }
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object a line, for log collectors.
+    Json,
+}
+
 pub const DEFAULT_ENDPOINT: &str = "unix:///run/blockcsi/csi.sock";
 pub const DEFAULT_POOL: &str = "/var/lib/blockcsi/pool";
 pub const DEFAULT_DRIVER_NAME: &str = "blockcsi.dev";
@@ -66,6 +77,12 @@ pub struct ServeArgs {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive [default: info]
     #[arg(long, env = "BLOCKCSI_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Log line format [default: text]
+    #[arg(long, env = "BLOCKCSI_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics [default: off]
+    #[arg(long, env = "BLOCKCSI_METRICS_ADDRESS")]
+    pub metrics_address: Option<String>,
 }
 
 /// The YAML config file: the same settings, named as the flags are.
@@ -81,6 +98,8 @@ struct FileConfig {
     default_fs_type: Option<FsType>,
     max_concurrent_formats: Option<usize>,
     log_level: Option<String>,
+    log_format: Option<LogFormat>,
+    metrics_address: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +113,9 @@ pub struct Config {
     pub default_fs_type: FsType,
     pub max_concurrent_formats: usize,
     pub log_level: String,
+    pub log_format: LogFormat,
+    /// `HOST:PORT` of the metrics endpoint; `None` = no metrics.
+    pub metrics_address: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +179,11 @@ impl ServeArgs {
                 .log_level
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".to_string()),
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            metrics_address: self
+                .metrics_address
+                .or(file.metrics_address)
+                .filter(|a| !a.is_empty()),
         };
         cfg.check()?;
         Ok(cfg)
@@ -200,6 +227,14 @@ pub fn valid_driver_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.'))
 }
 
+/// `HOST:PORT` with a numeric port; the host is resolved when the listener binds.
+fn valid_listen_address(address: &str) -> bool {
+    match address.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok(),
+        None => false,
+    }
+}
+
 impl Config {
     fn check(&self) -> Result<(), ConfigError> {
         if !valid_driver_name(&self.driver_name) {
@@ -214,6 +249,13 @@ impl Config {
                 "node id {:?} must be 1-128 letters, digits, '.', '_' or '-', alphanumeric at both ends",
                 self.node_id
             )));
+        }
+        if let Some(address) = &self.metrics_address {
+            if !valid_listen_address(address) {
+                return Err(ConfigError::Invalid(format!(
+                    "metrics address {address:?} must be HOST:PORT (for example 0.0.0.0:9808 or [::1]:9808)"
+                )));
+            }
         }
         if !self.pool.is_absolute() {
             return Err(ConfigError::Invalid(format!(
@@ -270,6 +312,40 @@ mod tests {
             cfg.max_concurrent_formats,
             crate::host::linux::DEFAULT_MAX_CONCURRENT_FORMATS
         );
+        assert_eq!(cfg.log_format, LogFormat::Text);
+        assert_eq!(cfg.metrics_address, None);
+    }
+
+    #[test]
+    fn metrics_address_and_log_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yaml");
+        std::fs::write(&file, "log-format: json\nmetrics-address: 127.0.0.1:9808\n").unwrap();
+        let cfg = ServeArgs {
+            config: Some(file),
+            node_id: Some("n".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.metrics_address.as_deref(), Some("127.0.0.1:9808"));
+        for (address, ok) in [
+            ("0.0.0.0:9808", true),
+            ("[::1]:9808", true),
+            ("localhost:1", true),
+            ("9808", false),
+            (":9808", false),
+            ("host:port", false),
+        ] {
+            let res = ServeArgs {
+                node_id: Some("n".into()),
+                metrics_address: Some(address.into()),
+                ..Default::default()
+            }
+            .resolve();
+            assert_eq!(res.is_ok(), ok, "{address}");
+        }
     }
 
     #[test]

@@ -1,13 +1,17 @@
 //! blockcsi: a CSI v1.12 block-storage driver. See ARCHITECTURE.md for the map of modules.
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod controller;
 pub mod csi;
+pub mod ctl;
+pub mod doctor;
 pub mod error;
 pub mod faults;
 pub mod guard;
 pub mod host;
+pub mod metrics;
 pub mod node;
 pub mod server;
 pub mod validate;

@@ -1,7 +1,10 @@
-//! The `blockcsi` command: `serve` runs the driver.
+//! The `blockcsi` command: `serve` runs the driver; `ctl`, `doctor` and `bench` are tools for
+//! the people who operate it.
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+use blockcsi::config::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +21,30 @@ struct Cli {
 enum Command {
     /// Serve CSI over a Unix socket.
     Serve(blockcsi::config::ServeArgs),
+    /// Call a running driver by hand: info, volumes, snapshots.
+    Ctl(blockcsi::ctl::CtlArgs),
+    /// Check that this machine can run the node plugin.
+    Doctor(blockcsi::doctor::DoctorArgs),
+    /// Measure the driver against the shell tools and write BENCHMARKS.md (as root).
+    Bench(blockcsi::bench::BenchArgs),
+}
+
+fn init_logs(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(filter)?)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Flattened so collectors find `method`, `volume_id`, `code` at the top level.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -25,16 +52,18 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let cfg = args.resolve()?;
-            tracing_subscriber::fmt()
-                .with_env_filter(EnvFilter::try_new(&cfg.log_level)?)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_writer(std::io::stderr)
-                .init();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(blockcsi::server::serve(cfg))?;
+            init_logs(&cfg.log_level, cfg.log_format)?;
+            blockcsi::server::runtime()?.block_on(blockcsi::server::serve(cfg))?;
             Ok(())
+        }
+        Command::Ctl(args) => std::process::exit(blockcsi::ctl::main(args)),
+        Command::Doctor(args) => {
+            init_logs("warn", LogFormat::Text)?;
+            std::process::exit(blockcsi::doctor::main(args))
+        }
+        Command::Bench(args) => {
+            init_logs("warn", LogFormat::Text)?;
+            std::process::exit(blockcsi::bench::main(args))
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::controller::check_fits;
 use crate::error::{Error, Result};
 use crate::guard::OpGuards;
 use crate::host::{AttachOptions, FsStats, FsType, Host, LoopDevice, MountEntry, Probe};
+use crate::metrics::{time_phase, Phase};
 use crate::validate;
 
 pub struct NodeService {
@@ -158,7 +159,7 @@ impl NodeService {
             // Record first: from now on the contents are the user's raw data, never formatted.
             self.backend.record_block_use(&volume.id)?;
             if existing.is_none() {
-                let dev = self.attach(&image)?;
+                let dev = time_phase(Phase::Attach, || self.attach(&image))?;
                 crate::faults::point("stage.after_attach");
                 info!(volume_id = %volume.id, device = %dev.path.display(), "attached for block access");
             }
@@ -191,7 +192,7 @@ impl NodeService {
         let attached_here = existing.is_none();
         let dev = match existing {
             Some(d) => d,
-            None => self.attach(&image)?,
+            None => time_phase(Phase::Attach, || self.attach(&image))?,
         };
         crate::faults::point("stage.after_attach");
         let res = self.format_and_mount(&volume, req, &dev);
@@ -261,7 +262,7 @@ impl NodeService {
                 fs_type: fs.as_str().to_string(),
                 uuid: None,
             }),
-            None => self.host.probe(&dev.path),
+            None => time_phase(Phase::Probe, || self.host.probe(&dev.path)),
         };
         let fs = match probe {
             Err(e) => {
@@ -343,7 +344,7 @@ impl NodeService {
                     .unwrap_or(self.default_fs);
                 info!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "formatting blank volume");
                 self.backend.record_formatting(&volume.id, fs.as_str())?;
-                self.host.mkfs(&dev.path, fs)?;
+                time_phase(Phase::Format, || self.host.mkfs(&dev.path, fs))?;
                 crate::faults::point("stage.after_mkfs");
                 self.backend.record_filesystem(&volume.id, fs.as_str())?;
                 if volume.pending_node_expansion {
@@ -359,8 +360,10 @@ impl NodeService {
             crate::backend::AccessType::Block => &[],
         };
         let opts = validate::mount_options(flags, req.capability.mode.read_only())?;
-        self.host
-            .mount(&dev.path, &req.staging_path, fs.as_str(), &opts)?;
+        time_phase(Phase::Mount, || {
+            self.host
+                .mount(&dev.path, &req.staging_path, fs.as_str(), &opts)
+        })?;
         crate::faults::point("stage.after_mount");
         info!(volume_id = %volume.id, path = %req.staging_path.display(), fs = fs.as_str(), "staged");
         Ok(())
@@ -387,9 +390,9 @@ impl NodeService {
             .fs_type()
             .or(Some(started.as_str()))
             .and_then(FsType::parse)
-            .unwrap_or(FsType::Ext4);
+            .unwrap_or(self.default_fs);
         warn!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "redoing a format that was interrupted");
-        self.host.redo_mkfs(&dev.path, fs)?;
+        time_phase(Phase::Format, || self.host.redo_mkfs(&dev.path, fs))?;
         crate::faults::point("stage.after_mkfs");
         Ok(Some(fs))
     }
@@ -565,7 +568,7 @@ impl NodeService {
         let dev = self.live_loop(&image)?.ok_or_else(|| {
             Error::FailedPrecondition(format!("volume {volume_id} is not staged on this node"))
         })?;
-        self.host.refresh_loop_capacity(&dev)?;
+        time_phase(Phase::Resize, || self.host.refresh_loop_capacity(&dev))?;
         let size = self.host.device_size(&dev.path)?;
         if self.host.device_number(&path)? == Some(dev.dev) {
             self.backend.record_node_expanded(&volume.id)?;
@@ -578,7 +581,7 @@ impl NodeService {
         let fs = FsType::parse(&m.fs_type).ok_or_else(|| {
             Error::FailedPrecondition(format!("cannot grow a {} filesystem", m.fs_type))
         })?;
-        self.host.grow_fs(&dev.path, &path, fs).map_err(|e| {
+        time_phase(Phase::Resize, || self.host.grow_fs(&dev.path, &path, fs)).map_err(|e| {
             Error::Internal(format!(
                 "growing the {} filesystem of volume {volume_id} failed (online ext4 growth needs                  CAP_SYS_RESOURCE): {e}",
                 fs.as_str()

@@ -33,6 +33,11 @@ pub enum ServeError {
     },
     #[error("node start-up: {0}")]
     Node(crate::error::Error),
+    #[error("metrics address {address}: {source}")]
+    Metrics {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -78,6 +83,32 @@ async fn shutdown_signal() {
         _ = int.recv() => "SIGINT",
     };
     info!(signal = name, "shutting down: finishing in-flight calls");
+}
+
+/// The runtime of `serve`: one async thread. Every RPC's real work (files, fsync, ioctls,
+/// mkfs) runs on the blocking pool (`csi::run`), so the async side only parses and routes calls;
+/// a single thread does that with lower latency than a work-stealing pool (no cross-thread
+/// wake-ups) and with fewer threads and arenas, which is most of an idle node's memory.
+/// Measurements in BENCHMARKS.md.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    limit_malloc_arenas();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        // Blocking threads exit after this long idle, returning their stacks.
+        .thread_keep_alive(std::time::Duration::from_secs(10))
+        .build()
+}
+
+/// glibc gives each thread that allocates its own malloc arena (up to 8 per core), and freed
+/// arena memory is rarely returned: after a burst of calls on many blocking threads the
+/// process keeps the high-water mark. Two arenas are plenty for a driver whose threads mostly
+/// wait on the kernel.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 pub async fn serve(cfg: Config) -> Result<(), ServeError> {
@@ -133,6 +164,20 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         controller: controller.clone(),
         node: node.clone(),
     };
+    let metrics_server = match &cfg.metrics_address {
+        Some(address) => {
+            crate::metrics::enable(Some(backend.clone()));
+            let listener =
+                crate::metrics::bind(address)
+                    .await
+                    .map_err(|source| ServeError::Metrics {
+                        address: address.clone(),
+                        source,
+                    })?;
+            Some(tokio::spawn(crate::metrics::serve(listener)))
+        }
+        None => None,
+    };
     let listener = bind(&cfg.socket).await?;
     info!(
         mode = ?cfg.mode,
@@ -146,6 +191,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         "serving"
     );
     let result = tonic::transport::Server::builder()
+        .layer(tower::util::option_layer(
+            crate::metrics::enabled().then_some(crate::metrics::RpcLayer),
+        ))
         .add_service(pb::identity_server::IdentityServer::new(identity))
         .add_optional_service(controller.clone().map(|c| {
             pb::controller_server::ControllerServer::new(ControllerService { controller: c })
@@ -159,6 +207,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&cfg.socket);
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     info!("stopped");
     Ok(result?)
 }

@@ -401,13 +401,24 @@ impl Host for LinuxHost {
     }
 
     fn check_ready(&self) -> std::result::Result<(), String> {
+        // Probe runs every few seconds (livenessprobe); once every tool was found, the PATH is
+        // not searched again. A missing tool is looked for on every call, so installing it heals.
+        static TOOLS_FOUND: std::sync::atomic::AtomicBool =
+            std::sync::atomic::AtomicBool::new(false);
+        let tools_known = TOOLS_FOUND.load(std::sync::atomic::Ordering::Relaxed);
         let mut missing = Vec::new();
         if let Err(e) = OpenOptions::new().read(true).write(true).open(LOOP_CONTROL) {
             missing.push(format!("{LOOP_CONTROL} ({e})"));
         }
-        for tool in REQUIRED_TOOLS {
-            if find_on_path(tool).is_none() {
-                missing.push(tool.to_string());
+        if !tools_known {
+            let before = missing.len();
+            for tool in REQUIRED_TOOLS {
+                if find_on_path(tool).is_none() {
+                    missing.push(tool.to_string());
+                }
+            }
+            if missing.len() == before {
+                TOOLS_FOUND.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
         if missing.is_empty() {

@@ -1,0 +1,401 @@
+//! Operability features against the real binary, as root: the metrics endpoint, a `ctl` round
+//! trip through a running driver, `doctor`, and a short `bench` run.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_blockcsi");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request; returns the status line and the body.
+fn http_get(port: u16, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "metrics port never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// Multi-threaded: the test blocks its thread waiting for the driver to exit, and the client's
+// connection is closed by a background task that must still get to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_serves_rpc_phase_and_pool_families() {
+    let sb = Sandbox::new();
+    let port = free_port();
+    let socket = sb.socket();
+    let log = sb.path("driver.log");
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--mode",
+            "all",
+            "--node-id",
+            NODE,
+            "--log-format",
+            "json",
+        ])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--pool")
+        .arg(sb.pool())
+        .arg("--metrics-address")
+        .arg(format!("127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "socket never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let mut c = Client::connect(&socket).await;
+    let cap = mount_cap("ext4");
+    let id = c.create("metrics-vol", 64 * MIB, &cap).await;
+    c.identity
+        .probe(blockcsi::pb::ProbeRequest {})
+        .await
+        .unwrap();
+    let missing = c
+        .controller
+        .delete_volume(blockcsi::pb::DeleteVolumeRequest {
+            volume_id: "vol-zz".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(missing.is_ok(), "deleting an unknown id is OK: {missing:?}");
+    let unimplemented = c
+        .controller
+        .list_snapshots(blockcsi::pb::ListSnapshotsRequest::default())
+        .await;
+
+    let (status, body) = http_get(port, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    for needle in [
+        "blockcsi_rpc_requests_total{method=\"CreateVolume\",code=\"OK\"} 1",
+        "blockcsi_rpc_requests_total{method=\"Probe\",code=\"OK\"} 1",
+        "blockcsi_rpc_duration_seconds_count{method=\"CreateVolume\",code=\"OK\"} 1",
+        "blockcsi_rpc_in_flight{method=\"CreateVolume\"} 0",
+        "blockcsi_node_stage_phase_duration_seconds_count{phase=\"format\"}",
+        "blockcsi_node_stage_phase_duration_seconds_count{phase=\"attach\"}",
+        "blockcsi_pool_capacity_bytes{pool=",
+        "blockcsi_pool_available_bytes{pool=",
+        "blockcsi_volumes{pool=",
+        "blockcsi_attachments{pool=",
+        "blockcsi_process_resident_memory_bytes ",
+        "# EOF",
+    ] {
+        assert!(body.contains(needle), "missing {needle:?} in:\n{body}");
+    }
+    let volumes = body
+        .lines()
+        .find(|l| l.starts_with("blockcsi_volumes{"))
+        .unwrap();
+    assert!(volumes.ends_with(" 1"), "{volumes}");
+    if let Err(s) = unimplemented {
+        let line = format!(
+            "blockcsi_rpc_requests_total{{method=\"ListSnapshots\",code=\"{}\"}} 1",
+            blockcsi::metrics::code_name(s.code())
+        );
+        assert!(body.contains(&line), "missing {line:?} in:\n{body}");
+    }
+
+    let (status, _) = http_get(port, "/");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    let (status, _) = http_get(port, "/metricsx");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+
+    // JSON logs: one object a line, the RPC line carrying method, volume id and code.
+    c.controller
+        .delete_volume(blockcsi::pb::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    drop(c);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let rpc = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .find(|v| v["method"] == "DeleteVolume" && v["volume_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no DeleteVolume line in:\n{text}"));
+    assert_eq!(rpc["code"], "OK");
+    assert!(rpc["elapsed_ms"].is_number(), "{rpc}");
+}
+
+fn ctl(endpoint: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("ctl")
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Runs `ctl --json ...`, requires success, and parses stdout.
+fn ctl_json(endpoint: &str, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = ctl(endpoint, &all);
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ctl {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn ctl_round_trip() {
+    let sb = Sandbox::new();
+    let driver = Driver::all(&sb);
+    let ep = format!("unix://{}", driver.socket.display());
+    let staging = sb.dir("staging");
+    let target = format!("{}/target", sb.dir("pods"));
+
+    let info = ctl_json(&ep, &["info"]);
+    assert_eq!(info["name"], "blockcsi.dev");
+    assert_eq!(info["ready"], true);
+    assert_eq!(info["node"]["node_id"], NODE);
+
+    let created = ctl_json(&ep, &["volume", "create", "ctl-vol", "--size", "64Mi"]);
+    let id = created["volume_id"].as_str().unwrap().to_string();
+    assert_eq!(created["capacity_bytes"], 64 * MIB);
+
+    let list = ctl_json(&ep, &["volume", "list"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["volume_id"] == id.as_str()),
+        "{list}"
+    );
+    ctl_json(&ep, &["volume", "publish", &id]);
+    let got = ctl_json(&ep, &["volume", "get", &id]);
+    assert_eq!(got["published_node_ids"], serde_json::json!([NODE]));
+
+    ctl_json(&ep, &["volume", "stage", &id, "--staging-path", &staging]);
+    ctl_json(
+        &ep,
+        &[
+            "volume",
+            "mount",
+            &id,
+            "--staging-path",
+            &staging,
+            "--target",
+            &target,
+        ],
+    );
+    assert!(sb.mounts().contains(&target), "{:?}", sb.mounts());
+    let stats = ctl_json(&ep, &["volume", "stats", &id, "--path", &target]);
+    assert_eq!(stats["usage"][0]["unit"], "bytes");
+    assert!(stats["usage"][0]["total"].as_i64().unwrap() > 0, "{stats}");
+
+    // The table form is for people, but it must name the volume too.
+    let table = ctl(&ep, &["volume", "list"]);
+    assert!(table.status.success());
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&id));
+
+    ctl_json(&ep, &["volume", "unmount", &id, "--target", &target]);
+    ctl_json(&ep, &["volume", "unstage", &id, "--staging-path", &staging]);
+    ctl_json(&ep, &["volume", "unpublish", &id]);
+    ctl_json(&ep, &["volume", "delete", &id]);
+    assert_eq!(ctl_json(&ep, &["volume", "list"]), serde_json::json!([]));
+
+    // Errors: the gRPC code, on stderr and in the JSON, and a non-zero exit.
+    let out = ctl(
+        &ep,
+        &["volume", "get", "vol-00000000000000000000000000000000"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    let out = ctl(
+        &ep,
+        &[
+            "--json",
+            "volume",
+            "get",
+            "vol-00000000000000000000000000000000",
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "NOT_FOUND");
+
+    let out = ctl("unix:///nonexistent/blockcsi.sock", &["info"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+    sb.assert_no_leaks();
+}
+
+fn doctor(args: &[&str]) -> (i32, Vec<Value>) {
+    let out = Command::new(BIN)
+        .arg("doctor")
+        .arg("--json")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let checks: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (out.status.code().unwrap(), checks)
+}
+
+fn status_of<'a>(checks: &'a [Value], name: &str) -> &'a str {
+    checks
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name:?} in {checks:?}"))["status"]
+        .as_str()
+        .unwrap()
+}
+
+#[test]
+fn doctor_passes_here_and_fails_on_a_missing_pool() {
+    let sb = Sandbox::new();
+    let pool = sb.dir("pool");
+    let endpoint = format!("unix://{}", sb.path("sock/csi.sock").display());
+    let (code, checks) = doctor(&["--pool", &pool, "--endpoint", &endpoint]);
+    for name in [
+        "privileges",
+        "loop attach",
+        "free loop devices",
+        "tool blkid",
+        "tool mkfs.ext4",
+        "tool mkfs.xfs",
+        "pool",
+        "socket directory",
+    ] {
+        assert_eq!(status_of(&checks, name), "OK", "{name}: {checks:?}");
+    }
+    // Reflink and propagation depend on the machine: present, and never a failure.
+    for name in ["reflink", "mount propagation", "LOOP_CONFIGURE"] {
+        assert_ne!(status_of(&checks, name), "FAIL", "{name}: {checks:?}");
+    }
+    assert_eq!(code, 0, "{checks:?}");
+
+    let missing = sb.path("no-such-pool");
+    let (code, checks) = doctor(&["--pool", missing.to_str().unwrap(), "--endpoint", &endpoint]);
+    assert_eq!(status_of(&checks, "pool"), "FAIL", "{checks:?}");
+    assert!(checks
+        .iter()
+        .all(|c| c["status"] != "FAIL" || c["hint"].is_string()));
+    assert_eq!(code, 1);
+
+    // The text form: one line a check, starting with its status.
+    let out = Command::new(BIN)
+        .args(["doctor", "--pool"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("pool")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .all(|l| ["OK ", "WARN", "FAIL"].iter().any(|p| l.starts_with(p))),
+        "{text}"
+    );
+    sb.assert_no_leaks();
+}
+
+/// The benchmark's short mode: every section runs and the report is written. The figures of
+/// so short a run are not checked (the full run writes BENCHMARKS.md).
+#[test]
+fn bench_quick_mode_runs_and_writes_its_table() {
+    let sb = Sandbox::new();
+    let out_file = sb.path("BENCHMARKS.md");
+    std::fs::write(&out_file, "# Benchmarks\n\nnotes kept\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--quick",
+            "--iterations",
+            "1",
+            "--soak",
+            "4",
+            "--pairs",
+            "16",
+            "--probes",
+            "20",
+            "--startups",
+            "1",
+        ])
+        .arg("--dir")
+        .arg(sb.path("bench"))
+        .arg("--out")
+        .arg(&out_file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(&out_file).unwrap();
+    assert!(md.contains("notes kept"), "{md}");
+    for needle in [
+        "mount lifecycle ratio driver/shell",
+        "block lifecycle ratio driver/shell",
+        "pairs/s, 64 clients",
+        "Probe p50",
+        "RSS, idle node-mode process",
+        "start-up to a served socket",
+        "release binary size",
+        "| kernel |",
+    ] {
+        assert!(md.contains(needle), "missing {needle:?} in:\n{md}");
+    }
+    sb.assert_no_leaks();
+}
