@@ -48,13 +48,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/* Arguments blockcsi understands only after the metrics branch merges (see values.yaml). */}}
+{{/* Empty when they are off; callers indent the result with `with`. */}}
 {{- define "blockcsi.observabilityArgs" -}}
-{{- if .Values.driverObservabilityFlags }}
+{{- if .Values.driverObservabilityFlags -}}
 - --log-format={{ .Values.logFormat }}
 {{- if .Values.metrics.enabled }}
 - --metrics-address=0.0.0.0:{{ .Values.metrics.driverPort }}
 {{- end }}
-{{- end }}
+{{- end -}}
 {{- end -}}
 
 {{/* Container security settings of the unprivileged containers. */}}
