@@ -30,7 +30,7 @@ commands:
   node-caps         one advertised node capability per line
   node-info         NodeGetInfo: lines "node_id ID", "max_volumes N", "topology KEY VALUE"
   stage             NodeStageVolume    -volume-id -staging [volume flags]
-  publish           NodePublishVolume  -volume-id -staging -target [-readonly] [volume flags]
+  publish           NodePublishVolume  -volume-id [-staging] -target [-readonly] [volume flags]
   unpublish         NodeUnpublishVolume -volume-id -target
   unstage           NodeUnstageVolume  -volume-id -staging
   expand            NodeExpandVolume   -volume-id -target -staging -bytes N [volume flags]:
@@ -199,7 +199,8 @@ func run(args []string) error {
 				PublishContext: pubCtx, VolumeContext: volCtx,
 			})
 		case "publish":
-			if err := need("volume-id", v.volumeID, "staging", v.staging, "target", v.target); err != nil {
+			// No -staging for a driver without STAGE_UNSTAGE_VOLUME, as with kubelet.
+			if err := need("volume-id", v.volumeID, "target", v.target); err != nil {
 				return err
 			}
 			_, err = node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{
