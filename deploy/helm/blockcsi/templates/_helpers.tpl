@@ -66,3 +66,11 @@ securityContext:
   capabilities:
     drop: [ALL]
 {{- end -}}
+
+{{/* The controller sidecars this release runs, as a list of names. */}}
+{{- define "blockcsi.controllerSidecars" -}}
+{{- $names := list "provisioner" "attacher" -}}
+{{- if .Values.sidecars.snapshotter.enabled }}{{ $names = append $names "snapshotter" }}{{ end -}}
+{{- if .Values.sidecars.resizer.enabled }}{{ $names = append $names "resizer" }}{{ end -}}
+{{- join " " $names -}}
+{{- end -}}
