@@ -73,7 +73,16 @@ if [ "$need_k8s" -eq 1 ]; then
   rm -rf "$out"
   log "built Kubernetes and etcd in $((SECONDS - start))s"
 fi
-for t in "${k8s_tools[@]}"; do echo "$t=$bin/$t-$k8s_key"; done
+# prune NAME CURRENT: drop cached builds of NAME other than CURRENT (an old pin's binaries).
+prune() {
+  find "$bin" -maxdepth 1 -name "$1-*" ! -name "$2" -exec rm -rf {} + 2>/dev/null || true
+}
+
+for t in "${k8s_tools[@]}"; do
+  prune "$t" "$t-$k8s_key"
+  echo "$t=$bin/$t-$k8s_key"
+done
+prune etcd "etcd-$etcd_version"
 echo "etcd=$bin/etcd-$etcd_version"
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +139,10 @@ build_sidecar() {
     rm -rf "$src"
     log "built $* in $((SECONDS - start))s"
   fi
-  for c in "$@"; do echo "$c=$bin/$c-$tag"; done
+  for c in "$@"; do
+    prune "$c" "$c-$tag"
+    echo "$c=$bin/$c-$tag"
+  done
 }
 
 prov_tag="$(image_tag csi-provisioner)"
@@ -166,4 +178,5 @@ if [ ! -x "$bin/csictl-$csictl_key" ]; then
   (cd "$here/csictl" && go build -p "$par" -o "$bin/.csictl-$csictl_key" . >&2) || die "building csictl failed"
   mv "$bin/.csictl-$csictl_key" "$bin/csictl-$csictl_key"
 fi
+prune csictl "csictl-$csictl_key"
 echo "csictl=$bin/csictl-$csictl_key"
