@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs every test of blockcsi: unit tests, real-kernel integration tests and the csi-sanity
-# conformance suites (mount, block, split controller/node). Needs root (loop devices, mkfs,
-# mounts). Installs what is missing on a fresh Debian machine: e2fsprogs, xfsprogs, util-linux
-# from apt, csi-sanity with `go install` (cached under ~/.cache/blockcsi).
+# Runs every test of blockcsi: unit tests, real-kernel integration tests, the csi-sanity
+# conformance suites (mount, block, split controller/node) and the Kubernetes end-to-end test
+# (tests/e2e/run.sh). Needs root (loop devices, mkfs, mounts). Installs what is missing on a
+# fresh Debian machine: e2fsprogs, xfsprogs, util-linux, openssl from apt; csi-sanity, and for
+# the e2e Kubernetes, the CSI sidecars and helm, built from their Go modules (cached under
+# ~/.cache/blockcsi).
 # The last line is the total over everything: "N passed, N failed, N skipped".
 set -euo pipefail
 
@@ -22,7 +24,7 @@ export PATH
 
 missing=()
 for tool in mkfs.ext4:e2fsprogs resize2fs:e2fsprogs mkfs.xfs:xfsprogs xfs_growfs:xfsprogs \
-            xfs_admin:xfsprogs blkid:util-linux losetup:mount; do
+            xfs_admin:xfsprogs blkid:util-linux losetup:mount openssl:openssl; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -65,11 +67,20 @@ read -r s_pass s_fail s_skip < <(awk 'NF == 6 && $2 == "passed," && $4 == "faile
     END { print (l == "" ? "0 1 0" : l) }' "$log")
 if [ "$sanity_status" -ne 0 ] && [ "$s_fail" -eq 0 ]; then s_fail=1; fi
 
+echo "== end-to-end test (Kubernetes control plane and CSI sidecars)"
+e2e_status=0
+tests/e2e/run.sh --binary target/release/blockcsi 2>&1 | tee "$log" || e2e_status=$?
+read -r e_pass e_fail e_skip < <(awk 'NF == 6 && $2 == "passed," && $4 == "failed," { l = $1 " " $3 " " $5 }
+    END { print (l == "" ? "0 1 0" : l) }' "$log")
+if [ "$e2e_status" -ne 0 ] && [ "$e_fail" -eq 0 ]; then e_fail=1; fi
+
 echo "== summary"
 echo "reliability:"
 printf '%s\n' "$reliability" | sed 's/^/  /'
 echo "  ${reliability_totals}"
 echo "cargo test: ${c_pass} passed, ${c_fail} failed, ${c_skip} skipped"
 echo "csi-sanity: ${s_pass} passed, ${s_fail} failed, ${s_skip} skipped (skipped = specs gated by capabilities not advertised)"
-echo "$((c_pass + s_pass)) passed, $((c_fail + s_fail)) failed, $((c_skip + s_skip)) skipped"
-[ "$cargo_status" -eq 0 ] && [ "$sanity_status" -eq 0 ] && [ "$c_fail" -eq 0 ] && [ "$s_fail" -eq 0 ]
+echo "e2e: ${e_pass} passed, ${e_fail} failed, ${e_skip} skipped steps (skipped = steps gated by capabilities not advertised)"
+echo "$((c_pass + s_pass + e_pass)) passed, $((c_fail + s_fail + e_fail)) failed, $((c_skip + s_skip + e_skip)) skipped"
+[ "$cargo_status" -eq 0 ] && [ "$sanity_status" -eq 0 ] && [ "$e2e_status" -eq 0 ] &&
+  [ "$c_fail" -eq 0 ] && [ "$s_fail" -eq 0 ] && [ "$e_fail" -eq 0 ]
