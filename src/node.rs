@@ -583,7 +583,7 @@ impl NodeService {
         })?;
         time_phase(Phase::Resize, || self.host.grow_fs(&dev.path, &path, fs)).map_err(|e| {
             Error::Internal(format!(
-                "growing the {} filesystem of volume {volume_id} failed (online ext4 growth needs                  CAP_SYS_RESOURCE): {e}",
+                "growing the {} filesystem of volume {volume_id} failed (online ext4 growth needs CAP_SYS_RESOURCE): {e}",
                 fs.as_str()
             ))
         })?;

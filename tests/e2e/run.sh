@@ -759,6 +759,13 @@ EOF
 # ---------------------------------------------------------------------------------------------
 # expand
 
+# Whether this process (and so the driver it starts) holds CAP_SYS_RESOURCE (bit 24).
+has_cap_sys_resource() {
+  local eff
+  eff="$(awk '/^CapEff:/ {print $2}' /proc/self/status)"
+  (( (16#$eff >> 24) & 1 ))
+}
+
 pv_capacity_is() { [ "$(k get pv "$1" -o jsonpath='{.spec.capacity.storage}')" = "$2" ]; }
 
 step_expand() {
@@ -777,6 +784,15 @@ step_expand() {
   if grep -qx EXPAND_VOLUME <<<"$NODE_CAPS"; then
     want=$(( ${PVC_BIGGER%Mi} * 1048576 ))
     stages || STAGING=""
+    if [ "$FSTYPE" = ext4 ] && ! has_cap_sys_resource; then
+      # ext4 grows online only with CAP_SYS_RESOURCE, which this machine withholds even from
+      # root (a privileged node plugin has it). Do what kubelet does when the volume is not in
+      # use: bring it down and up again; the driver grows ext4 before it mounts it.
+      log "no CAP_SYS_RESOURCE here: growing ext4 offline (unpublish, unstage, stage, publish)"
+      unpublish_unstage "$HANDLE" "$STAGING" "$TARGET" || return
+      stage_publish "$PVC" writer || return
+      stages || STAGING=""
+    fi
     "$CSICTL" -endpoint "unix://$NODE_SOCK" expand -volume-id "$HANDLE" -target "$TARGET" -staging "$STAGING" \
       -bytes "$want" -fstype "$FSTYPE" -access-mode "$(access_mode)" >&2 || fail "NodeExpandVolume" || return
   fi
