@@ -44,9 +44,10 @@ echo "== cargo test (release: the integration tests drive target/release/blockcs
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo_status=0
+# --no-fail-fast: one failing test binary must not hide the others' results.
 # --show-output: the reliability suites print their counts (hostile cases, fuzz executions,
 # kills survived, operations verified), gathered into the summary below.
-cargo test --release --locked -- --show-output 2>&1 | tee "$log" || cargo_status=$?
+cargo test --release --locked --no-fail-fast -- --show-output 2>&1 | tee "$log" || cargo_status=$?
 read -r c_pass c_fail c_skip < <(awk '/^test result:/ {
     for (i = 1; i <= NF; i++) {
       if ($(i) ~ /^passed;?$/) p += $(i-1);

@@ -557,17 +557,12 @@ impl NodeService {
     /// filesystem mounted at `path` (block volumes: the device only). Returns the device size.
     pub fn expand(&self, volume_id: &str, path: &str) -> Result<u64> {
         let _guard = self.guards.acquire(volume_id)?;
-        let volume = self.backend.volume(volume_id)?;
-        let not_here =
-            || Error::NotFound(format!("volume {volume_id} is not available at {path:?}"));
-        let path = validate::path(path, "volume_path").map_err(|_| not_here())?;
-        if !path.exists() {
-            return Err(not_here());
-        }
-        let image = self.backend.image_path(&volume.id)?;
-        let dev = self.live_loop(&image)?.ok_or_else(|| {
+        let (volume, path, dev) = self.volume_at(volume_id, path)?;
+        let dev = dev.ok_or_else(|| {
             Error::FailedPrecondition(format!("volume {volume_id} is not staged on this node"))
         })?;
+        let not_here =
+            || Error::NotFound(format!("volume {volume_id} is not available at {path:?}"));
         time_phase(Phase::Resize, || self.host.refresh_loop_capacity(&dev))?;
         let size = self.host.device_size(&dev.path)?;
         if self.host.device_number(&path)? == Some(dev.dev) {
@@ -592,7 +587,13 @@ impl NodeService {
         Ok(size)
     }
 
-    pub fn stats(&self, volume_id: &str, path: &str) -> Result<(Usage, Health)> {
+    /// The volume, its validated `path` (which must exist: NOT_FOUND otherwise, as for a
+    /// relative one) and its loop device on this node if it has one.
+    fn volume_at(
+        &self,
+        volume_id: &str,
+        path: &str,
+    ) -> Result<(Volume, PathBuf, Option<LoopDevice>)> {
         let volume = self.backend.volume(volume_id)?;
         let not_here =
             || Error::NotFound(format!("volume {volume_id} is not available at {path:?}"));
@@ -601,7 +602,15 @@ impl NodeService {
             return Err(not_here());
         }
         let image = self.backend.image_path(&volume.id)?;
-        let dev = self.live_loop(&image)?.ok_or_else(not_here)?;
+        let dev = self.live_loop(&image)?;
+        Ok((volume, path, dev))
+    }
+
+    pub fn stats(&self, volume_id: &str, path: &str) -> Result<(Usage, Health)> {
+        let (volume, path, dev) = self.volume_at(volume_id, path)?;
+        let not_here =
+            || Error::NotFound(format!("volume {volume_id} is not available at {path:?}"));
+        let dev = dev.ok_or_else(not_here)?;
         let health = self.backend.health(&volume);
         if self.host.device_number(&path)? == Some(dev.dev) {
             let total_bytes = self.host.device_size(&dev.path)?;

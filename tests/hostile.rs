@@ -136,6 +136,18 @@ impl Drop for Outside {
     }
 }
 
+/// Mounts that belong to no test sandbox: other tests of this run mount and unmount inside
+/// their own `blockcsi-*` temporary directories in parallel, so only the rest of the host's
+/// mount table must stay as it was.
+fn host_mounts() -> usize {
+    let tmp = std::env::temp_dir().join("blockcsi-");
+    let prefix = tmp.to_string_lossy().into_owned();
+    all_mounts()
+        .iter()
+        .filter(|m| !m.starts_with(&prefix))
+        .count()
+}
+
 fn all_mounts() -> Vec<String> {
     let text = std::fs::read("/proc/self/mountinfo").unwrap();
     blockcsi::host::mountinfo::parse_bytes(&text)
@@ -168,7 +180,7 @@ impl Run {
             c,
             outside,
             outside_before,
-            mounts_before: all_mounts().len(),
+            mounts_before: host_mounts(),
             cases: 0,
             messages: Vec::new(),
         }
@@ -292,7 +304,7 @@ impl Run {
         );
         self.sb.assert_no_leaks();
         assert_eq!(
-            all_mounts().len(),
+            host_mounts(),
             self.mounts_before,
             "{}: mount table changed",
             self.group

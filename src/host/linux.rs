@@ -363,7 +363,11 @@ impl Host for LinuxHost {
 
     fn grow_unmounted_fs(&self, device: &Path, fs: FsType) -> Result<()> {
         match fs {
-            FsType::Ext4 => run("resize2fs", &[&device], GROW_TIMEOUT).map(drop),
+            // resize2fs insists on a check newer than the last mount, as tune2fs -U does.
+            FsType::Ext4 => {
+                check_ext4(device)?;
+                run("resize2fs", &[&device], GROW_TIMEOUT).map(drop)
+            }
             FsType::Xfs => Err(Error::Busy(format!(
                 "xfs on {} can only grow while mounted",
                 device.display()
@@ -386,11 +390,7 @@ impl Host for LinuxHost {
         self.unmount(scratch)?;
         match fs {
             FsType::Ext4 => {
-                // Exit 1 means "errors corrected"; anything above leaves the volume alone.
-                let out = execute("e2fsck", &[&"-f", &"-p", &device], FSCK_TIMEOUT)?;
-                if !matches!(out.status.code(), Some(0) | Some(1)) {
-                    return Err(command_error("e2fsck", &[&"-f", &"-p", &device], &out));
-                }
+                check_ext4(device)?;
                 run("tune2fs", &[&"-U", &"random", &device], GROW_TIMEOUT)?;
             }
             FsType::Xfs => {
@@ -562,6 +562,16 @@ fn find_on_path(tool: &str) -> Option<PathBuf> {
             p.metadata()
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
+}
+
+/// `e2fsck -f -p` of an unmounted ext4: the fresh check tune2fs -U and an offline resize2fs
+/// require. Exit 1 means "errors corrected"; anything above fails and leaves the volume alone.
+fn check_ext4(device: &Path) -> Result<()> {
+    let out = execute("e2fsck", &[&"-f", &"-p", &device], FSCK_TIMEOUT)?;
+    if !matches!(out.status.code(), Some(0) | Some(1)) {
+        return Err(command_error("e2fsck", &[&"-f", &"-p", &device], &out));
+    }
+    Ok(())
 }
 
 /// Runs a tool to completion within `timeout` and fails unless it exits 0; the error carries

@@ -246,19 +246,7 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(socket: &Path) -> Client {
-        let socket = socket.to_path_buf();
-        let channel = tonic::transport::Endpoint::try_from("http://localhost")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
-            .await
-            .unwrap();
+        let channel = blockcsi::ctl::connect(socket).await.unwrap();
         Client {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),

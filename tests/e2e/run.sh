@@ -443,6 +443,7 @@ localise() {
     [ -n "$a" ] || continue
     case "$a" in
       --http-endpoint=*) a="--http-endpoint=127.0.0.1:0" ;;
+      --metrics-address=*) a="--metrics-address=127.0.0.1:0" ;;
     esac
     a="${a//unix:\/\/\/csi\/csi.sock/unix://$1}"
     a="${a//\/csi\/csi.sock/$1}"

@@ -47,15 +47,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end -}}
 
-{{/* Arguments blockcsi understands only after the metrics branch merges (see values.yaml). */}}
-{{/* Empty when they are off; callers indent the result with `with`. */}}
+{{/* The driver's log format and, when metrics are on, its metrics listener. */}}
+{{/* Callers indent the result with `with`. */}}
 {{- define "blockcsi.observabilityArgs" -}}
-{{- if .Values.driverObservabilityFlags -}}
 - --log-format={{ .Values.logFormat }}
 {{- if .Values.metrics.enabled }}
 - --metrics-address=0.0.0.0:{{ .Values.metrics.driverPort }}
 {{- end }}
-{{- end -}}
 {{- end -}}
 
 {{/* Container security settings of the unprivileged containers. */}}
