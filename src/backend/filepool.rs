@@ -208,7 +208,7 @@ impl FilePool {
         let record: PoolRecord = from_json(&record_path, &bytes)?;
         let ordered_journal = nix::sys::statfs::statfs(root)
             .map(|st| {
-                let magic = st.filesystem_type().0 as i64;
+                let magic = st.filesystem_type().0;
                 magic == EXT4_MAGIC || magic == XFS_MAGIC
             })
             .unwrap_or(false);
@@ -276,11 +276,30 @@ impl FilePool {
     }
 
     fn load(&self, id: &str) -> Result<Option<Volume>> {
-        let path = self.record(id);
-        match read_optional(&path)? {
-            None => Ok(None),
-            Some(bytes) => Ok(Some(from_json(&path, &bytes)?)),
+        read_json(&self.record(id))
+    }
+
+    /// The ids of the records (`<id>.json`) in a metadata directory, ordered; temp files and
+    /// other names are skipped.
+    fn record_ids(&self, sub: &str, valid: fn(&str) -> bool) -> Result<Vec<String>> {
+        let dir = self.root.join(sub);
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+            {
+                if valid(id) {
+                    ids.push(id.to_string());
+                }
+            }
         }
+        ids.sort();
+        Ok(ids)
     }
 
     fn load_existing(&self, id: &str) -> Result<Volume> {
@@ -482,11 +501,7 @@ impl FilePool {
         if !is_group_id(id) {
             return Ok(None);
         }
-        let path = self.group_record(id);
-        match read_optional(&path)? {
-            None => Ok(None),
-            Some(bytes) => Ok(Some(from_json(&path, &bytes)?)),
-        }
+        read_json(&self.group_record(id))
     }
 
     fn statvfs(&self) -> Result<nix::sys::statvfs::Statvfs> {
@@ -684,25 +699,11 @@ impl BlockStorage for FilePool {
     }
 
     fn volumes(&self) -> Result<Vec<Volume>> {
-        let dir = self.root.join("meta/volumes");
-        let entries =
-            std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if !is_volume_id(id) {
-                continue;
-            }
+        for id in self.record_ids("meta/volumes", is_volume_id)? {
             // A record deleted between readdir and read is simply gone.
-            if let Some(v) = self.load(id)? {
-                out.push(v);
-            }
+            out.extend(self.load(&id)?);
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 
@@ -940,21 +941,10 @@ impl BlockStorage for FilePool {
     }
 
     fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        let dir = self.root.join("meta/snapshots");
-        let entries =
-            std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if let Some(rec) = self.load_snapshot(id)? {
-                out.push(rec.snapshot);
-            }
+        for id in self.record_ids("meta/snapshots", is_snapshot_id)? {
+            out.extend(self.load_snapshot(&id)?.map(|r| r.snapshot));
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
 
@@ -1071,6 +1061,14 @@ impl BlockStorage for FilePool {
 
 fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec_pretty(value).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
+/// Reads a JSON record; `None` when the file does not exist.
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+    match read_optional(path)? {
+        None => Ok(None),
+        Some(bytes) => from_json(path, &bytes).map(Some),
+    }
 }
 
 fn from_json<T: for<'de> Deserialize<'de>>(path: &Path, bytes: &[u8]) -> Result<T> {
@@ -1396,7 +1394,7 @@ mod tests {
             g
         );
         assert!(matches!(
-            pool.create_group_snapshot("g", &[a.id.clone()]),
+            pool.create_group_snapshot("g", std::slice::from_ref(&a.id)),
             Err(Error::AlreadyExists(_))
         ));
         assert!(matches!(

@@ -13,10 +13,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use super::{from_json, is_volume_id, FilePool, NameRecord};
-use crate::backend::fsutil::{
-    is_temp_name, read_optional, remove_abandoned_temp, remove_if_exists, sync_dir,
-};
+use super::{is_volume_id, read_json, FilePool, NameRecord};
+use crate::backend::fsutil::{is_temp_name, remove_abandoned_temp, remove_if_exists, sync_dir};
 use crate::backend::{Error, Result};
 
 /// What one collection removed.
@@ -124,11 +122,7 @@ impl FilePool {
     }
 
     fn read_index(&self, hash: &str) -> Result<Option<NameRecord>> {
-        let path = self.root.join("meta/names").join(format!("{hash}.json"));
-        match read_optional(&path)? {
-            None => Ok(None),
-            Some(bytes) => from_json(&path, &bytes).map(Some),
-        }
+        read_json(&self.root.join("meta/names").join(format!("{hash}.json")))
     }
 
     fn collect_interrupted_creates(&self, c: &mut Collected) -> Result<()> {
