@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test of blockcsi: unit tests, real-kernel integration tests, the csi-sanity
-# conformance suites (mount, block, split controller/node) and the Kubernetes end-to-end test
-# (tests/e2e/run.sh). Needs root (loop devices, mkfs, mounts). Installs what is missing on a
-# fresh Debian machine: e2fsprogs, xfsprogs, util-linux, openssl from apt; csi-sanity, and for
-# the e2e Kubernetes, the CSI sidecars and helm, built from their Go modules (cached under
-# ~/.cache/blockcsi).
+# conformance suites (mount, block, split controller/node) and the two Kubernetes end-to-end
+# tests: the control plane with the sidecars (tests/e2e/run.sh) and a real node with kubelet
+# and containerd running the images and manifests (tests/e2e/run-node.sh). Needs root (loop
+# devices, mkfs, mounts, containers). Installs what is missing on a fresh Debian machine from
+# apt: e2fsprogs, xfsprogs, util-linux, openssl, and for the node test containerd, runc, the
+# CNI plugins, iptables, conntrack, debootstrap, curl and a C compiler; csi-sanity, and for the
+# e2e Kubernetes, the CSI sidecars, BuildKit, a registry and helm, built from their Go modules
+# (cached under ~/.cache/blockcsi).
 # The last line is the total over everything: "N passed, N failed, N skipped".
 set -euo pipefail
 
@@ -24,8 +27,10 @@ export PATH
 
 missing=()
 for tool in mkfs.ext4:e2fsprogs resize2fs:e2fsprogs mkfs.xfs:xfsprogs xfs_growfs:xfsprogs \
-            xfs_admin:xfsprogs blkid:util-linux losetup:mount openssl:openssl; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
+            xfs_admin:xfsprogs blkid:util-linux losetup:mount openssl:openssl \
+            containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
+            iptables:iptables conntrack:conntrack debootstrap:debootstrap curl:curl cc:gcc; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "${tool%%:*}" ] || missing+=("${tool##*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== installing: ${missing[*]}"
@@ -75,6 +80,13 @@ read -r e_pass e_fail e_skip < <(awk 'NF == 6 && $2 == "passed," && $4 == "faile
     END { print (l == "" ? "0 1 0" : l) }' "$log")
 if [ "$e2e_status" -ne 0 ] && [ "$e_fail" -eq 0 ]; then e_fail=1; fi
 
+echo "== end-to-end test on a real node (kubelet, containerd, the images and deploy/)"
+node_status=0
+tests/e2e/run-node.sh 2>&1 | tee "$log" || node_status=$?
+read -r n_pass n_fail n_skip < <(awk 'NF == 6 && $2 == "passed," && $4 == "failed," { l = $1 " " $3 " " $5 }
+    END { print (l == "" ? "0 1 0" : l) }' "$log")
+if [ "$node_status" -ne 0 ] && [ "$n_fail" -eq 0 ]; then n_fail=1; fi
+
 echo "== summary"
 echo "reliability:"
 printf '%s\n' "$reliability" | sed 's/^/  /'
@@ -82,6 +94,7 @@ echo "  ${reliability_totals}"
 echo "cargo test: ${c_pass} passed, ${c_fail} failed, ${c_skip} skipped"
 echo "csi-sanity: ${s_pass} passed, ${s_fail} failed, ${s_skip} skipped (skipped = specs gated by capabilities not advertised)"
 echo "e2e: ${e_pass} passed, ${e_fail} failed, ${e_skip} skipped steps (skipped = steps gated by capabilities not advertised)"
-echo "$((c_pass + s_pass + e_pass)) passed, $((c_fail + s_fail + e_fail)) failed, $((c_skip + s_skip + e_skip)) skipped"
-[ "$cargo_status" -eq 0 ] && [ "$sanity_status" -eq 0 ] && [ "$e2e_status" -eq 0 ] &&
-  [ "$c_fail" -eq 0 ] && [ "$s_fail" -eq 0 ] && [ "$e_fail" -eq 0 ]
+echo "e2e node: ${n_pass} passed, ${n_fail} failed, ${n_skip} skipped steps"
+echo "$((c_pass + s_pass + e_pass + n_pass)) passed, $((c_fail + s_fail + e_fail + n_fail)) failed, $((c_skip + s_skip + e_skip + n_skip)) skipped"
+[ "$cargo_status" -eq 0 ] && [ "$sanity_status" -eq 0 ] && [ "$e2e_status" -eq 0 ] && [ "$node_status" -eq 0 ] &&
+  [ "$c_fail" -eq 0 ] && [ "$s_fail" -eq 0 ] && [ "$e_fail" -eq 0 ] && [ "$n_fail" -eq 0 ]

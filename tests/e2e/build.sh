@@ -2,10 +2,15 @@
 # Builds (once) every Go binary tests/e2e/run.sh needs and caches it under
 # ${BLOCKCSI_CACHE:-$HOME/.cache/blockcsi}/e2e/bin:
 #
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy
 #       from tests/e2e/tools (pinned Kubernetes and etcd; see its go.mod)
 #   csi-provisioner, csi-attacher, csi-snapshotter, snapshot-controller, csi-resizer
 #       from the kubernetes-csi modules, at the versions deploy/kubernetes/ pins for the images
+#   pause
+#       compiled (static, with the host's C compiler) from the pause.c of the same Kubernetes
+#       module: the pod sandbox of run-node.sh's containerd
+#   buildkitd, buildctl, registry
+#       from tests/e2e/imagetools (BuildKit and a distribution registry, for run-node.sh's images)
 #   csictl
 #       from tests/e2e/csictl (the stand-in for kubelet's CSI calls)
 #
@@ -47,7 +52,7 @@ if bad="$(grep -E '^\s*k8s\.io/[a-z0-9-]+ => k8s\.io/' "$tools/go.mod" | grep -v
   die "tools/go.mod: staging replacements must all be $staging_version for k8s.io/kubernetes $k8s_version: $bad"
 fi
 k8s_key="$k8s_version-$(hash_of "$tools/go.mod" "$tools/go.sum")"
-k8s_tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+k8s_tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
 need_k8s=0
 for t in "${k8s_tools[@]}"; do [ -x "$bin/$t-$k8s_key" ] || need_k8s=1; done
@@ -168,6 +173,49 @@ if [ ! -d "$crds" ]; then
   mv "$tmp_crds" "$crds"
 fi
 echo "crds=$crds"
+
+# ---------------------------------------------------------------------------------------------
+# The pod sandbox's pause process, at the version Kubernetes' own build gives its image.
+
+k8s_dir="$(cd "$tools" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)"
+pause_src="$k8s_dir/build/pause/linux/pause.c"
+[ -f "$pause_src" ] || die "no $pause_src"
+pause_tag="$(sed -n 's/^TAG ?= *\([0-9][0-9.]*\)$/\1/p' "$k8s_dir/build/pause/Makefile")"
+[ -n "$pause_tag" ] || die "no pause TAG in $k8s_dir/build/pause/Makefile"
+if [ ! -x "$bin/pause-$pause_tag" ]; then
+  command -v cc >/dev/null || die "a C compiler (cc) is required for the pause binary"
+  cc -Os -Wall -static -DVERSION="v$pause_tag-blockcsi-e2e" -o "$bin/.pause-$pause_tag" "$pause_src" ||
+    die "compiling $pause_src failed"
+  mv "$bin/.pause-$pause_tag" "$bin/pause-$pause_tag"
+fi
+prune pause "pause-$pause_tag"
+echo "pause=$bin/pause-$pause_tag"
+echo "pause_tag=$pause_tag"
+
+# ---------------------------------------------------------------------------------------------
+# Image tools, keyed by a hash of their module.
+
+imagetools="$here/imagetools"
+img_key="$(hash_of "$imagetools/go.mod" "$imagetools/go.sum")"
+img_tools=(buildkitd buildctl registry)
+need_img=0
+for t in "${img_tools[@]}"; do [ -x "$bin/$t-$img_key" ] || need_img=1; done
+if [ "$need_img" -eq 1 ]; then
+  log "building BuildKit and the registry ..."
+  start=$SECONDS
+  out="$(mktemp -d "$bin/.img.XXXXXX")"
+  if ! (cd "$imagetools" && go build -p "$par" -ldflags "-s -w" -o "$out/" tool >&2); then
+    rm -rf "$out"
+    die "building the image tools failed"
+  fi
+  for t in "${img_tools[@]}"; do mv "$out/$t" "$bin/$t-$img_key"; done
+  rm -rf "$out"
+  log "built the image tools in $((SECONDS - start))s"
+fi
+for t in "${img_tools[@]}"; do
+  prune "$t" "$t-$img_key"
+  echo "$t=$bin/$t-$img_key"
+done
 
 # ---------------------------------------------------------------------------------------------
 # csictl, keyed by a hash of its sources.
