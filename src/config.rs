@@ -501,7 +501,8 @@ mod tests {
     fn registration_needs_both_paths_node_mode_and_socket_sized_paths() {
         let long = format!("/{}/csi.sock", "d".repeat(100));
         // (mode, registration dir, kubelet path, the socket it serves, or None for an error)
-        let cases: &[(Mode, Option<&str>, Option<&str>, Option<&str>)] = &[
+        type Case<'a> = (Mode, Option<&'a str>, Option<&'a str>, Option<&'a str>);
+        let cases: &[Case] = &[
             (Mode::Node, None, None, None),
             (
                 Mode::Node,

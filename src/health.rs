@@ -96,9 +96,12 @@ mod tests {
     use tokio_stream::wrappers::UnixListenerStream;
     use tonic::{Request, Response, Status};
 
+    /// What the fake's Probe answers: `ready`, or an error status with this code.
+    type ProbeAnswer = Result<Option<bool>, tonic::Code>;
+
     /// An Identity server whose Probe answers what the test says.
     struct FakeIdentity {
-        probe: Result<Option<bool>, tonic::Code>,
+        probe: ProbeAnswer,
     }
 
     #[tonic::async_trait]
@@ -126,7 +129,7 @@ mod tests {
         }
     }
 
-    fn serve_fake(socket: &std::path::Path, probe: Result<Option<bool>, tonic::Code>) {
+    fn serve_fake(socket: &std::path::Path, probe: ProbeAnswer) {
         let listener = UnixListener::bind(socket).unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -140,7 +143,7 @@ mod tests {
     #[tokio::test]
     async fn probe_outcomes_become_health() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: &[(&str, Result<Option<bool>, tonic::Code>, Option<&str>)] = &[
+        let cases: &[(&str, ProbeAnswer, Option<&str>)] = &[
             ("ready", Ok(Some(true)), None),
             ("silent", Ok(None), None),
             ("unready", Ok(Some(false)), Some("not ready")),
