@@ -252,7 +252,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     );
 
     // Kubelet dials the CSI endpoint right after GetInfo, so the registration socket appears
-    // only once the CSI socket is bound and its server running.
+    // only once the CSI socket is bound and its server running. On this single-threaded
+    // runtime the spawned server first runs when this task yields: yield once before binding.
+    tokio::task::yield_now().await;
     let registration = match &cfg.registration {
         Some(reg) => {
             let listener = bind(&reg.socket).await?;
@@ -286,14 +288,16 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         () = shutdown_signal() => None,
         res = &mut csi => Some(res),
     };
-    // Kubelet deregisters a plugin whose registration socket is gone: remove it first, so
-    // kubelet stops sending work while the calls in flight finish.
-    if let Some((file, task)) = registration {
+    // Kubelet deregisters a plugin whose registration socket is gone: remove it before the
+    // servers stop, so kubelet stops sending work while the calls in flight finish.
+    let registration = registration.map(|(file, task)| {
         drop(file);
-        let _ = stop.send(true);
+        task
+    });
+    let _ = stop.send(true);
+    if let Some(task) = registration {
         let _ = task.await;
     }
-    let _ = stop.send(true);
     let result = match ended_early {
         Some(res) => res,
         None => csi.await,
