@@ -1,8 +1,13 @@
-//! Compiles proto/csi.proto with protox (pure Rust), so building needs no system protoc.
+//! Compiles proto/csi.proto and proto/pluginregistration.proto with protox (pure Rust), so
+//! building needs no system protoc. Clients are generated too: `ctl` and the tests use them.
+
+const PROTOS: [&str; 2] = ["csi.proto", "pluginregistration.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto/csi.proto");
-    let descriptors = protox::compile(["csi.proto"], ["proto"])?;
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed=proto/{proto}");
+    }
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -83,6 +83,16 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on http://HOST:PORT/metrics [default: off]
     #[arg(long, env = "BLOCKCSI_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
+    /// Serve a liveness check on http://HOST:PORT/healthz (calls this driver's Probe) [default: off]
+    #[arg(long, env = "BLOCKCSI_HEALTH_ADDRESS")]
+    pub health_address: Option<String>,
+    /// Kubelet's plugin registry directory: node mode registers with kubelet through a socket
+    /// DIR/<driver-name>-reg.sock [default: off]
+    #[arg(long, env = "BLOCKCSI_REGISTRATION_DIR")]
+    pub registration_dir: Option<PathBuf>,
+    /// The CSI socket's absolute path as kubelet sees it on the host (needed with --registration-dir)
+    #[arg(long, env = "BLOCKCSI_KUBELET_REGISTRATION_PATH")]
+    pub kubelet_registration_path: Option<PathBuf>,
 }
 
 /// The YAML config file: the same settings, named as the flags are.
@@ -100,6 +110,9 @@ struct FileConfig {
     log_level: Option<String>,
     log_format: Option<LogFormat>,
     metrics_address: Option<String>,
+    health_address: Option<String>,
+    registration_dir: Option<PathBuf>,
+    kubelet_registration_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +129,25 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `HOST:PORT` of the metrics endpoint; `None` = no metrics.
     pub metrics_address: Option<String>,
+    /// `HOST:PORT` of the `/healthz` endpoint; `None` = none.
+    pub health_address: Option<String>,
+    /// Registration with kubelet's plugin watcher; `None` = kubelet is told some other way.
+    pub registration: Option<Registration>,
 }
+
+/// Where the registration socket goes and what it tells kubelet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// `<registration dir>/<driver name>-reg.sock`.
+    pub socket: PathBuf,
+    /// The CSI socket's path on the host, which kubelet dials after GetInfo. It differs from
+    /// our own socket path when the driver runs in a container with the directory mounted
+    /// elsewhere.
+    pub kubelet_endpoint: PathBuf,
+}
+
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -184,9 +215,28 @@ impl ServeArgs {
                 .metrics_address
                 .or(file.metrics_address)
                 .filter(|a| !a.is_empty()),
+            health_address: self
+                .health_address
+                .or(file.health_address)
+                .filter(|a| !a.is_empty()),
+            registration: None,
         };
+        // Checked first: the registration socket's name is made from the driver name.
         cfg.check()?;
-        Ok(cfg)
+        // An empty value (an unset-looking environment variable) means off, as for the addresses.
+        let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+        let registration = registration(
+            &cfg,
+            non_empty(self.registration_dir.or(file.registration_dir)),
+            non_empty(
+                self.kubelet_registration_path
+                    .or(file.kubelet_registration_path),
+            ),
+        )?;
+        Ok(Config {
+            registration,
+            ..cfg
+        })
     }
 }
 
@@ -227,6 +277,73 @@ pub fn valid_driver_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.'))
 }
 
+/// The registration settings, checked: both or neither given, node mode only, paths a Unix
+/// socket can have. The socket name carries the driver name so that several drivers share
+/// kubelet's directory.
+fn registration(
+    cfg: &Config,
+    dir: Option<PathBuf>,
+    kubelet_path: Option<PathBuf>,
+) -> Result<Option<Registration>, ConfigError> {
+    let invalid = |m: String| Err(ConfigError::Invalid(m));
+    let (dir, kubelet_endpoint) = match (dir, kubelet_path) {
+        (None, None) => return Ok(None),
+        (None, Some(_)) => {
+            return invalid(
+                "kubelet registration path is set but registration dir is not: without the \
+                 registration dir kubelet is never told the path"
+                    .into(),
+            )
+        }
+        (Some(_), None) => {
+            return invalid(
+                "registration dir needs kubelet registration path (the CSI socket's path on \
+                 the host)"
+                    .into(),
+            )
+        }
+        (Some(dir), Some(path)) => (dir, path),
+    };
+    if !cfg.mode.node() {
+        return invalid(
+            "registration dir is for the node plugin; controller mode has nothing to register"
+                .into(),
+        );
+    }
+    if !dir.is_absolute() {
+        return invalid(format!(
+            "registration dir {} must be an absolute path",
+            dir.display()
+        ));
+    }
+    // Kubelet dials this path and the proto field is a string: UTF-8, absolute, no `..`
+    // (checked and normalised as request paths are), short enough for a socket address.
+    let Some(text) = kubelet_endpoint.to_str() else {
+        return invalid(format!(
+            "kubelet registration path {} is not UTF-8",
+            kubelet_endpoint.display()
+        ));
+    };
+    let kubelet_endpoint = crate::validate::path(text, "kubelet registration path")
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    if kubelet_endpoint.as_os_str().len() > MAX_SOCKET_PATH {
+        return invalid(format!(
+            "kubelet registration path {text:?} is longer than {MAX_SOCKET_PATH} bytes"
+        ));
+    }
+    let socket = dir.join(format!("{}-reg.sock", cfg.driver_name));
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return invalid(format!(
+            "registration socket {} is longer than {MAX_SOCKET_PATH} bytes",
+            socket.display()
+        ));
+    }
+    Ok(Some(Registration {
+        socket,
+        kubelet_endpoint,
+    }))
+}
+
 /// `HOST:PORT` with a numeric port; the host is resolved when the listener binds.
 fn valid_listen_address(address: &str) -> bool {
     match address.rsplit_once(':') {
@@ -250,11 +367,16 @@ impl Config {
                 self.node_id
             )));
         }
-        if let Some(address) = &self.metrics_address {
-            if !valid_listen_address(address) {
-                return Err(ConfigError::Invalid(format!(
-                    "metrics address {address:?} must be HOST:PORT (for example 0.0.0.0:9808 or [::1]:9808)"
-                )));
+        for (what, address) in [
+            ("metrics", &self.metrics_address),
+            ("health", &self.health_address),
+        ] {
+            if let Some(address) = address {
+                if !valid_listen_address(address) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{what} address {address:?} must be HOST:PORT (for example 0.0.0.0:9808 or [::1]:9808)"
+                    )));
+                }
             }
         }
         if !self.pool.is_absolute() {
@@ -345,6 +467,122 @@ mod tests {
             }
             .resolve();
             assert_eq!(res.is_ok(), ok, "{address}");
+        }
+    }
+
+    #[test]
+    fn registration_and_health_come_from_the_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.yaml");
+        std::fs::write(
+            &file,
+            "mode: node\nhealth-address: 0.0.0.0:9809\nregistration-dir: /registration\n\
+             kubelet-registration-path: /var/lib/kubelet/plugins/blockcsi.dev/csi.sock\n",
+        )
+        .unwrap();
+        let cfg = ServeArgs {
+            config: Some(file),
+            node_id: Some("n".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(cfg.health_address.as_deref(), Some("0.0.0.0:9809"));
+        assert_eq!(
+            cfg.registration,
+            Some(Registration {
+                socket: PathBuf::from("/registration/blockcsi.dev-reg.sock"),
+                kubelet_endpoint: PathBuf::from("/var/lib/kubelet/plugins/blockcsi.dev/csi.sock"),
+            })
+        );
+    }
+
+    #[test]
+    fn registration_needs_both_paths_node_mode_and_socket_sized_paths() {
+        let long = format!("/{}/csi.sock", "d".repeat(100));
+        // (mode, registration dir, kubelet path, the socket it serves, or None for an error)
+        type Case<'a> = (Mode, Option<&'a str>, Option<&'a str>, Option<&'a str>);
+        let cases: &[Case] = &[
+            (Mode::Node, None, None, None),
+            (
+                Mode::Node,
+                Some("/reg"),
+                Some("/k/csi.sock"),
+                Some("/reg/blockcsi.dev-reg.sock"),
+            ),
+            (
+                Mode::All,
+                Some("/reg"),
+                Some("/k/csi.sock"),
+                Some("/reg/blockcsi.dev-reg.sock"),
+            ),
+            // Empty means unset, as an empty environment variable would be.
+            (Mode::Node, Some(""), Some(""), None),
+            (Mode::Controller, Some("/reg"), Some("/k/csi.sock"), None),
+            (Mode::Node, Some("/reg"), None, None),
+            (Mode::Node, Some("/reg"), Some(""), None),
+            (Mode::Node, None, Some("/k/csi.sock"), None),
+            (Mode::Node, Some("reg"), Some("/k/csi.sock"), None),
+            (Mode::Node, Some("/reg"), Some("k/csi.sock"), None),
+            (Mode::Node, Some("/reg"), Some("/k/../csi.sock"), None),
+            (Mode::Node, Some("/reg"), Some("/"), None),
+            (Mode::Node, Some("/reg"), Some(&long), None),
+            (Mode::Node, Some(&long), Some("/k/csi.sock"), None),
+        ];
+        for &(mode, dir, path, want) in cases {
+            let res = ServeArgs {
+                mode: Some(mode),
+                node_id: Some("n".into()),
+                registration_dir: dir.map(PathBuf::from),
+                kubelet_registration_path: path.map(PathBuf::from),
+                ..Default::default()
+            }
+            .resolve();
+            let unset = dir.unwrap_or("").is_empty() && path.unwrap_or("").is_empty();
+            match (res, want) {
+                (Ok(cfg), Some(socket)) => {
+                    let r = cfg.registration.expect("registration on");
+                    assert_eq!(r.socket, PathBuf::from(socket));
+                    assert_eq!(r.kubelet_endpoint, PathBuf::from(path.unwrap()));
+                }
+                (Ok(cfg), None) if unset => assert_eq!(cfg.registration, None),
+                (Err(ConfigError::Invalid(_)), None) if !unset => {}
+                (res, _) => panic!("{mode:?} {dir:?} {path:?}: {res:?}"),
+            }
+        }
+        // The kubelet path is normalised the way request paths are.
+        let cfg = ServeArgs {
+            mode: Some(Mode::Node),
+            node_id: Some("n".into()),
+            registration_dir: Some("/reg".into()),
+            kubelet_registration_path: Some("/k/./d//csi.sock".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            cfg.registration.unwrap().kubelet_endpoint,
+            PathBuf::from("/k/d/csi.sock")
+        );
+    }
+
+    #[test]
+    fn health_address_is_checked_like_the_metrics_address() {
+        for (address, ok) in [("0.0.0.0:9809", true), ("9809", false), ("", true)] {
+            let res = ServeArgs {
+                node_id: Some("n".into()),
+                health_address: Some(address.into()),
+                ..Default::default()
+            }
+            .resolve();
+            assert_eq!(res.is_ok(), ok, "{address}");
+            if let Ok(cfg) = res {
+                assert_eq!(
+                    cfg.health_address.is_some(),
+                    !address.is_empty(),
+                    "{address}"
+                );
+            }
         }
     }
 

@@ -10,9 +10,12 @@ pub mod doctor;
 pub mod error;
 pub mod faults;
 pub mod guard;
+pub mod health;
 pub mod host;
+pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod registration;
 pub mod server;
 pub mod validate;
 

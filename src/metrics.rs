@@ -1,6 +1,6 @@
 //! Prometheus metrics: per-RPC counts, latencies and in-flight gauges (a tower layer around the
 //! gRPC server), NodeStage phase histograms, pool and volume gauges computed at scrape time from
-//! the backend, and the small HTTP/1.1 server that serves them on `GET /metrics`.
+//! the backend, and their text rendering, which `http.rs` serves on `GET /metrics`.
 //!
 //! Everything hangs off one process-global registry that exists only once [`enable`] ran: with
 //! metrics off (the default) [`observe_phase`] is a single atomic load, and the RPC layer is not
@@ -21,11 +21,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tonic::codegen::http;
 use tonic::Code;
-use tracing::{debug, info, warn};
+use tracing::warn;
 
 use crate::backend::BlockStorage;
 
@@ -441,119 +439,6 @@ pub fn render() -> String {
         }
     }
     out
-}
-
-/// Binds the metrics listener; done before the CSI socket is served so a bad address fails the
-/// start-up instead of leaving a driver without the metrics it was asked for.
-pub async fn bind(address: &str) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind(address).await?;
-    info!(address = %listener.local_addr()?, "serving metrics on /metrics");
-    Ok(listener)
-}
-
-/// Serves `GET /metrics` until the task is aborted. One request per connection: Prometheus
-/// scrapes rarely, so keep-alive would only hold sockets and memory.
-pub async fn serve(listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = handle(stream).await {
-                        debug!(%peer, error = %e, "metrics connection");
-                    }
-                });
-            }
-            Err(e) => {
-                // EMFILE and the like: back off instead of spinning.
-                warn!(error = %e, "metrics accept");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Longest request head accepted; a scrape's is a few hundred bytes.
-const MAX_HEAD: usize = 8 * 1024;
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn handle(mut stream: TcpStream) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let complete = tokio::time::timeout(READ_TIMEOUT, async {
-        loop {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<bool, std::io::Error>(false);
-            }
-            head.extend_from_slice(&buf[..n]);
-            if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                return Ok(true);
-            }
-            if head.len() > MAX_HEAD {
-                return Ok(false);
-            }
-        }
-    })
-    .await
-    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    if !complete {
-        return respond(
-            &mut stream,
-            "400 Bad Request",
-            "text/plain",
-            b"bad request\n",
-            true,
-        )
-        .await;
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
-            let body = tokio::task::spawn_blocking(render)
-                .await
-                .unwrap_or_default();
-            respond(
-                &mut stream,
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body.as_bytes(),
-                method == "GET",
-            )
-            .await
-        }
-        _ => {
-            respond(
-                &mut stream,
-                "404 Not Found",
-                "text/plain",
-                b"not found\n",
-                method != "HEAD",
-            )
-            .await
-        }
-    }
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    body: &[u8],
-    send_body: bool,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    if send_body {
-        stream.write_all(body).await?;
-    }
-    stream.shutdown().await
 }
 
 #[cfg(test)]

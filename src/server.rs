@@ -1,14 +1,15 @@
-//! The process: builds the services a mode asks for, owns the Unix socket (stale-socket removal,
-//! permissions, removal at exit) and shuts down gracefully on SIGTERM or SIGINT, letting in-flight
-//! RPCs finish.
+//! The process: builds the services a mode asks for, owns the Unix sockets (CSI and kubelet
+//! registration: stale-socket removal, permissions, removal at exit), starts the HTTP endpoints,
+//! and shuts down gracefully on SIGTERM or SIGINT, letting in-flight RPCs finish.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
-use tracing::info;
+use tracing::{error, info};
 
 use crate::backend::filepool::FilePool;
 use crate::backend::BlockStorage;
@@ -21,6 +22,8 @@ use crate::csi::{
 use crate::host::linux::LinuxHost;
 use crate::node::NodeService;
 use crate::pb;
+use crate::registration::pb::registration_server::RegistrationServer;
+use crate::registration::RegistrationService;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -33,13 +36,40 @@ pub enum ServeError {
     },
     #[error("node start-up: {0}")]
     Node(crate::error::Error),
-    #[error("metrics address {address}: {source}")]
-    Metrics {
+    #[error("http address {address}: {source}")]
+    Http {
         address: String,
         source: std::io::Error,
     },
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("grpc server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A socket file this process made; dropping it removes the file, so every way out of `serve`
+/// (an error after binding included) leaves no socket behind for kubelet or a CO to dial.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A background task that must not outlive `serve`.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Resolves once `stop` says so; the shutdown future of every gRPC server.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    // An error means the sender is gone, which also means stop.
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Prepares the socket path: creates the parent, removes a stale socket, refuses anything else
@@ -164,21 +194,31 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         controller: controller.clone(),
         node: node.clone(),
     };
-    let metrics_server = match &cfg.metrics_address {
-        Some(address) => {
-            crate::metrics::enable(Some(backend.clone()));
-            let listener =
-                crate::metrics::bind(address)
-                    .await
-                    .map_err(|source| ServeError::Metrics {
-                        address: address.clone(),
-                        source,
-                    })?;
-            Some(tokio::spawn(crate::metrics::serve(listener)))
-        }
-        None => None,
-    };
+    if cfg.metrics_address.is_some() {
+        crate::metrics::enable(Some(backend.clone()));
+    }
+    let registration_socket = cfg.registration.as_ref().map(|r| r.socket.clone());
+    let health = cfg.health_address.as_deref().map(|address| {
+        (
+            address,
+            crate::health::Health::new(cfg.socket.clone(), registration_socket),
+        )
+    });
+    let mut http_servers = Vec::new();
+    for (address, routes) in crate::http::plan(cfg.metrics_address.as_deref(), health) {
+        let listener = crate::http::bind(&address, &routes)
+            .await
+            .map_err(|source| ServeError::Http {
+                address: address.clone(),
+                source,
+            })?;
+        http_servers.push(AbortOnDrop(tokio::spawn(crate::http::serve(
+            listener, routes,
+        ))));
+    }
+
     let listener = bind(&cfg.socket).await?;
+    let csi_socket = SocketFile(cfg.socket.clone());
     info!(
         mode = ?cfg.mode,
         socket = %cfg.socket.display(),
@@ -190,26 +230,80 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         version = env!("CARGO_PKG_VERSION"),
         "serving"
     );
-    let result = tonic::transport::Server::builder()
-        .layer(tower::util::option_layer(
-            crate::metrics::enabled().then_some(crate::metrics::RpcLayer),
-        ))
-        .add_service(pb::identity_server::IdentityServer::new(identity))
-        .add_optional_service(controller.clone().map(|c| {
-            pb::controller_server::ControllerServer::new(ControllerService { controller: c })
-        }))
-        .add_optional_service(controller.map(|c| {
-            pb::group_controller_server::GroupControllerServer::new(GroupService { controller: c })
-        }))
-        .add_optional_service(
-            node.map(|n| pb::node_server::NodeServer::new(NodeAdapter { node: n })),
-        )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await;
-    let _ = std::fs::remove_file(&cfg.socket);
-    if let Some(task) = metrics_server {
-        task.abort();
+    let (stop, stopping) = watch::channel(false);
+    let mut csi = tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(tower::util::option_layer(
+                crate::metrics::enabled().then_some(crate::metrics::RpcLayer),
+            ))
+            .add_service(pb::identity_server::IdentityServer::new(identity))
+            .add_optional_service(controller.clone().map(|c| {
+                pb::controller_server::ControllerServer::new(ControllerService { controller: c })
+            }))
+            .add_optional_service(controller.map(|c| {
+                pb::group_controller_server::GroupControllerServer::new(GroupService {
+                    controller: c,
+                })
+            }))
+            .add_optional_service(
+                node.map(|n| pb::node_server::NodeServer::new(NodeAdapter { node: n })),
+            )
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(stopping)),
+    );
+
+    // Kubelet dials the CSI endpoint right after GetInfo, so the registration socket appears
+    // only once the CSI socket is bound and its server running. On this single-threaded
+    // runtime the spawned server first runs when this task yields: yield once before binding.
+    tokio::task::yield_now().await;
+    let registration = match &cfg.registration {
+        Some(reg) => {
+            let listener = bind(&reg.socket).await?;
+            let file = SocketFile(reg.socket.clone());
+            let service = RegistrationService {
+                driver_name: cfg.driver_name.clone(),
+                kubelet_endpoint: reg.kubelet_endpoint.clone(),
+            };
+            let server = tonic::transport::Server::builder()
+                .add_service(RegistrationServer::new(service))
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener),
+                    stopped(stop.subscribe()),
+                );
+            let task = tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    error!(error = %e, "registration server");
+                }
+            });
+            info!(
+                socket = %reg.socket.display(),
+                endpoint = %reg.kubelet_endpoint.display(),
+                "serving kubelet plugin registration"
+            );
+            Some((file, task))
+        }
+        None => None,
+    };
+
+    let ended_early = tokio::select! {
+        () = shutdown_signal() => None,
+        res = &mut csi => Some(res),
+    };
+    // Kubelet deregisters a plugin whose registration socket is gone: remove it before the
+    // servers stop, so kubelet stops sending work while the calls in flight finish.
+    let registration = registration.map(|(file, task)| {
+        drop(file);
+        task
+    });
+    let _ = stop.send(true);
+    if let Some(task) = registration {
+        let _ = task.await;
     }
+    let result = match ended_early {
+        Some(res) => res,
+        None => csi.await,
+    };
+    drop(csi_socket);
+    drop(http_servers);
     info!("stopped");
-    Ok(result?)
+    Ok(result??)
 }

@@ -1,5 +1,6 @@
-//! Operability features against the real binary, as root: the metrics endpoint, a `ctl` round
-//! trip through a running driver, `doctor`, and a short `bench` run.
+//! Operability features against the real binary, as root: the metrics endpoint, kubelet plugin
+//! registration and `/healthz`, a `ctl` round trip through a running driver, `doctor`, and a
+//! short `bench` run.
 
 mod common;
 
@@ -154,6 +155,150 @@ async fn metrics_endpoint_serves_rpc_phase_and_pool_families() {
         .unwrap_or_else(|| panic!("no DeleteVolume line in:\n{text}"));
     assert_eq!(rpc["code"], "OK");
     assert!(rpc["elapsed_ms"].is_number(), "{rpc}");
+}
+
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} never happened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_socket(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+// Multi-threaded for the same reason as the metrics test: the test thread blocks on HTTP
+// requests and on the driver's exit while client connections are closed in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_registers_with_kubelet_and_answers_healthz() {
+    use blockcsi::registration::pb;
+    use blockcsi::registration::pb::registration_client::RegistrationClient;
+
+    let sb = Sandbox::new();
+    let port = free_port();
+    let socket = sb.socket();
+    let registry = sb.path("plugins_registry");
+    let reg_socket = registry.join("blockcsi.dev-reg.sock");
+    let host_path = "/var/lib/kubelet/plugins/blockcsi.dev/csi.sock";
+    // A predecessor's registration socket that nobody serves any more is replaced.
+    std::fs::create_dir_all(&registry).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&reg_socket).unwrap());
+    assert!(is_socket(&reg_socket));
+
+    let log = sb.path("driver.log");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--mode", "node", "--node-id", NODE])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--pool")
+        .arg(sb.pool())
+        .arg("--registration-dir")
+        .arg(&registry)
+        .args(["--kubelet-registration-path", host_path])
+        // One address for both: one listener serves both routes.
+        .arg(format!("--health-address=127.0.0.1:{port}"))
+        .arg(format!("--metrics-address=127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("the registration socket served", || {
+        std::os::unix::net::UnixStream::connect(&reg_socket).is_ok()
+    });
+    // The registration socket appears only once the CSI socket is served.
+    assert!(
+        std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        "{}",
+        log_text()
+    );
+    let mode = std::fs::metadata(&reg_socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o660
+    );
+
+    // What kubelet's plugin watcher does with the socket.
+    let mut reg = RegistrationClient::new(blockcsi::ctl::connect(&reg_socket).await.unwrap());
+    let info = reg.get_info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.r#type, "CSIPlugin");
+    assert_eq!(info.name, "blockcsi.dev");
+    assert_eq!(info.endpoint, host_path);
+    assert_eq!(info.supported_versions, vec!["1.0.0".to_string()]);
+    reg.notify_registration_status(pb::RegistrationStatus {
+        plugin_registered: true,
+        error: String::new(),
+    })
+    .await
+    .unwrap();
+    reg.notify_registration_status(pb::RegistrationStatus {
+        plugin_registered: false,
+        error: "name clash with another-driver".into(),
+    })
+    .await
+    .unwrap();
+    let text = log_text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("removed stale socket") && l.contains("-reg.sock")),
+        "{text}"
+    );
+    assert!(text.contains("kubelet registered the driver"), "{text}");
+    let refused = text
+        .lines()
+        .find(|l| l.contains("kubelet refused to register the driver"))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{text}"));
+    assert!(refused.contains("ERROR"), "{refused}");
+    assert!(
+        refused.contains("name clash with another-driver"),
+        "{refused}"
+    );
+    drop(reg);
+
+    wait_for_port(port);
+    assert_eq!(
+        http_get(port, "/healthz"),
+        ("HTTP/1.1 200 OK".into(), "ok\n".into())
+    );
+    let (status, body) = http_get(port, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        body.contains("blockcsi_process_resident_memory_bytes"),
+        "{body}"
+    );
+    assert_eq!(http_get(port, "/health").0, "HTTP/1.1 404 Not Found");
+
+    // Kubelet forgets a plugin whose registration socket is gone: the driver must be restarted.
+    let moved = sb.path("moved-reg.sock");
+    std::fs::rename(&reg_socket, &moved).unwrap();
+    let (status, body) = http_get(port, "/healthz");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(body.contains("registration socket"), "{body}");
+    std::fs::rename(&moved, &reg_socket).unwrap();
+    assert_eq!(http_get(port, "/healthz").0, "HTTP/1.1 200 OK");
+
+    // Nothing answers at the CSI socket's path.
+    let moved = sb.path("moved-csi.sock");
+    std::fs::rename(&socket, &moved).unwrap();
+    let (status, body) = http_get(port, "/healthz");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(body.starts_with("cannot reach"), "{body}");
+    std::fs::rename(&moved, &socket).unwrap();
+    assert_eq!(http_get(port, "/healthz").0, "HTTP/1.1 200 OK");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success(), "{}", log_text());
+    assert!(!reg_socket.exists(), "registration socket left behind");
+    assert!(!socket.exists(), "CSI socket left behind");
+    // The registry directory belongs to kubelet: only our socket goes.
+    assert!(registry.is_dir());
 }
 
 fn ctl(endpoint: &str, args: &[&str]) -> Output {

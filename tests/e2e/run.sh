@@ -38,8 +38,8 @@
 #                  (skipped when the driver lacks EXPAND_VOLUME)
 #   delete         unpublish, unstage, pods, claims, snapshots deleted -> VolumeAttachments,
 #                  PVs and snapshot contents gone, the pool empty
-#   shutdown       both drivers exit 0 on SIGTERM and remove their sockets; no loop device
-#                  or mount left
+#   shutdown       both drivers exit 0 on SIGTERM and remove their sockets (the node's
+#                  kubelet registration socket too); no loop device or mount left
 # A step runs only when the steps it depends on passed. The last line is the summary,
 # "N passed, N failed, N skipped"; the exit status is non-zero when any step failed.
 # Every wait is bounded (E2E_WAIT, default 120s, for each); everything started is stopped
@@ -266,6 +266,10 @@ localise() {
     case "$a" in
       --http-endpoint=*) a="--http-endpoint=127.0.0.1:0" ;;
       --metrics-address=*) a="--metrics-address=127.0.0.1:0" ;;
+      --health-address=*) a="--health-address=127.0.0.1:0" ;;
+      # Kubelet's plugin registry and the CSI socket's host path, under our kubelet directory.
+      --registration-dir=*) a="--registration-dir=$kubelet/plugins_registry" ;;
+      --kubelet-registration-path=*) a="--kubelet-registration-path=$1" ;;
     esac
     a="${a//unix:\/\/\/csi\/csi.sock/unix://$1}"
     a="${a//\/csi\/csi.sock/$1}"
@@ -289,13 +293,23 @@ step_driver() {
   wait_until "the controller socket" test -S "$CTRL_SOCK" || return 1
   start blockcsi-node "$binary" "${nargs[@]}"
   wait_until "the node socket" test -S "$NODE_SOCK" || return 1
+  # The manifest makes the node plugin register with kubelet: its registration socket appears
+  # once the CSI socket is served.
+  local a
+  REG_SOCK=""
+  for a in "${nargs[@]}"; do
+    case "$a" in --registration-dir=*) REG_SOCK="$kubelet/plugins_registry/$DRIVER-reg.sock" ;; esac
+  done
+  if [ -n "$REG_SOCK" ]; then
+    wait_until "the registration socket" test -S "$REG_SOCK" || return 1
+  fi
 
   CTRL_CAPS="$("$CSICTL" -endpoint "unix://$CTRL_SOCK" controller-caps)" || fail "ControllerGetCapabilities" || return
   NODE_CAPS="$("$CSICTL" -endpoint "unix://$NODE_SOCK" node-caps)" || fail "NodeGetCapabilities" || return
   log "controller capabilities: $(echo $CTRL_CAPS)"
   log "node capabilities: $(echo $NODE_CAPS)"
 
-  # What kubelet does when node-driver-registrar announces the driver: NodeGetInfo, then the
+  # What kubelet does once the registration socket named the driver: NodeGetInfo, then the
   # node id annotation, the topology labels and the CSINode entry.
   local info node_id max topo_key topo_value
   info="$("$CSICTL" -endpoint "unix://$NODE_SOCK" node-info)" || fail "NodeGetInfo" || return
@@ -679,6 +693,11 @@ step_shutdown() {
     [ "$rc" -eq 0 ] || { log "$name exited with status $rc after SIGTERM"; show_log "$name"; ok=1; }
     [ ! -e "$sock" ] || { log "$name left its socket $sock"; ok=1; }
   done
+  # Kubelet deregisters the driver when this socket goes.
+  if [ -n "${REG_SOCK:-}" ] && [ -e "$REG_SOCK" ]; then
+    log "blockcsi-node left its registration socket $REG_SOCK"
+    ok=1
+  fi
   local m l
   m="$(mounts_under "$tmp")"
   l="$(loops_under "$tmp")"
