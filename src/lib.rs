@@ -1,5 +1,6 @@
 //! blockcsi: a CSI v1.12 block-storage driver. See ARCHITECTURE.md for the map of modules.
 
+pub mod authority;
 pub mod backend;
 pub mod bench;
 pub mod config;

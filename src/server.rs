@@ -265,8 +265,10 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             };
             let server = tonic::transport::Server::builder()
                 .add_service(RegistrationServer::new(service))
+                // Kubelet's plugin watcher sends the socket path as :authority, which the
+                // HTTP/2 layer refuses; the connections go through the repair first.
                 .serve_with_incoming_shutdown(
-                    UnixListenerStream::new(listener),
+                    crate::authority::incoming(listener),
                     stopped(stop.subscribe()),
                 );
             let task = tokio::spawn(async move {

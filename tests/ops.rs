@@ -170,6 +170,73 @@ fn is_socket(path: &std::path::Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
+/// GetInfo over a raw HTTP/2 connection whose request carries the socket path as its
+/// `:authority`, the way kubelet's plugin watcher sends it; panics unless the answer is a
+/// whole gRPC success.
+fn kubelet_style_get_info(socket: &std::path::Path) -> blockcsi::registration::pb::PluginInfo {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut out = vec![len[1], len[2], len[3], kind, flags];
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+    let path = socket.to_str().unwrap().as_bytes();
+    let fields: [(&[u8], &[u8]); 6] = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/pluginregistration.Registration/GetInfo"),
+        (b":authority", path),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ];
+    let block = loona_hpack::Encoder::new().encode(fields);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    out.extend(frame(0x1, 0x4, 1, &block));
+    // An empty InfoRequest: no compression flag, zero length; END_STREAM.
+    out.extend(frame(0x0, 0x1, 1, &[0, 0, 0, 0, 0]));
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(&out).unwrap();
+
+    let mut decoder = loona_hpack::Decoder::new();
+    let (mut headers, mut data) = (Vec::new(), Vec::new());
+    loop {
+        let mut head = [0u8; 9];
+        conn.read_exact(&mut head)
+            .expect("the server closed before answering");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        conn.read_exact(&mut payload).unwrap();
+        match head[3] {
+            0x4 if head[4] & 0x1 == 0 => conn.write_all(&frame(0x4, 0x1, 0, &[])).unwrap(),
+            0x3 => panic!("RST_STREAM {payload:?}: the request was refused"),
+            0x7 => panic!("GOAWAY {payload:?}"),
+            0x1 => {
+                assert_eq!(head[4] & 0x4, 0x4, "response headers in one frame");
+                headers.extend(decoder.decode(&payload).unwrap());
+                if head[4] & 0x1 != 0 {
+                    break;
+                }
+            }
+            0x0 => data.extend(payload),
+            _ => {}
+        }
+    }
+    let find = |name: &[u8]| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(find(b":status").as_deref(), Some("200"), "{headers:?}");
+    assert_eq!(find(b"grpc-status").as_deref(), Some("0"), "{headers:?}");
+    assert!(data.len() >= 5 && data[0] == 0, "{data:?}");
+    prost::Message::decode(&data[5..]).unwrap()
+}
+
 // Multi-threaded for the same reason as the metrics test: the test thread blocks on HTTP
 // requests and on the driver's exit while client connections are closed in the background.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,6 +324,12 @@ async fn node_registers_with_kubelet_and_answers_healthz() {
         "{refused}"
     );
     drop(reg);
+
+    // Kubelet's plugin watcher (grpc-go dialling a bare path) sends the socket path as
+    // :authority, which is not an authority at all; the call must still succeed.
+    let info = kubelet_style_get_info(&reg_socket);
+    assert_eq!(info.name, "blockcsi.dev");
+    assert_eq!(info.endpoint, host_path);
 
     wait_for_port(port);
     assert_eq!(
