@@ -14,6 +14,7 @@ pub mod host;
 pub mod metrics;
 pub mod node;
 pub mod server;
+pub mod signature;
 pub mod validate;
 
 /// The generated CSI v1 messages and services.
