@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -636,14 +636,11 @@ fn execute(program: &str, args: &[&dyn AsRef<OsStr>], timeout: Duration) -> Resu
     let stdout = drain(child.stdout.take());
     let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(1);
+    let mut exited = ExitWatch::new(&child);
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
+            Ok(None) if Instant::now() < deadline => exited.wait(deadline),
             Ok(None) => {
                 let _ = child.kill();
                 // A tool blocked on a hung device sleeps through SIGKILL until its I/O returns:
@@ -667,6 +664,58 @@ fn execute(program: &str, args: &[&dyn AsRef<OsStr>], timeout: Duration) -> Resu
         stdout: collect(stdout),
         stderr: collect(stderr),
     })
+}
+
+/// Sleeps until a child may have exited. Tools take a few milliseconds and sit on the path of
+/// every first stage: waking when the process ends (its pidfd turns readable) instead of at the
+/// next tick of a doubling backoff (1, 3, 7, 15 ms...) stops a 5 ms mkfs from costing 8.
+struct ExitWatch {
+    /// `None` on kernels without `pidfd_open` (before 5.3): then a short sleep.
+    pidfd: Option<OwnedFd>,
+    pause: Duration,
+}
+
+impl ExitWatch {
+    fn new(child: &std::process::Child) -> ExitWatch {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1. The child
+        // is not reaped before `child.try_wait` sees it exit, so the pid is still its own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        let pidfd = i32::try_from(fd)
+            .ok()
+            .filter(|&fd| fd >= 0)
+            // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        ExitWatch {
+            pidfd,
+            pause: Duration::from_millis(1),
+        }
+    }
+
+    /// Returns when the child exited, at `deadline`, or earlier (callers check again).
+    fn wait(&mut self, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match &self.pidfd {
+            Some(fd) => {
+                let mut pfd = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+                // SAFETY: one valid pollfd, for the duration of the call.
+                if unsafe { libc::poll(&mut pfd, 1, ms) } < 0
+                    && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted
+                {
+                    // Never spin on a descriptor poll refuses: back to sleeping.
+                    self.pidfd = None;
+                }
+            }
+            None => {
+                std::thread::sleep(self.pause.min(left));
+                self.pause = (self.pause * 2).min(Duration::from_millis(50));
+            }
+        }
+    }
 }
 
 fn drain(pipe: Option<impl Read + Send + 'static>) -> Option<JoinHandle<Vec<u8>>> {
