@@ -724,7 +724,10 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
         move || time_identity_calls(&socket, n)
     })
     .await??;
-    let (p50, p99) = (percentile(&probe_times, 0.5), percentile(&probe_times, 0.99));
+    let (p50, p99) = (
+        percentile(&probe_times, 0.5),
+        percentile(&probe_times, 0.99),
+    );
     // The same calls from the bench's own multi-threaded runtime, the method of earlier runs:
     // each reply is handed from the worker thread that reads it to the waiting caller.
     let mut mt = Vec::with_capacity(args.probes);
