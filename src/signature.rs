@@ -41,16 +41,13 @@ pub const HEAD_BYTES: u64 = (4 << 20) + (64 << 10);
 /// 1.0, DRBD, the GPT backup header and the other firmware RAID formats in the last few sectors.
 pub const TAIL_BYTES: u64 = 2 << 20;
 
-/// The ranges [`reads_all_zero`] reads on a device of `size` bytes: the head and the tail,
-/// merged into one when they meet, so a small device is read whole.
-pub fn checked_ranges(size: u64) -> Vec<Range<u64>> {
-    let head = 0..size.min(HEAD_BYTES);
-    let tail = size.saturating_sub(TAIL_BYTES)..size;
-    if tail.start <= head.end {
-        vec![0..size]
-    } else {
-        vec![head, tail]
+/// The ranges [`reads_all_zero`] reads on a device of `size` bytes: the head and the tail.
+/// When they meet, the head covers the whole device and the tail is empty.
+pub fn checked_ranges(size: u64) -> [Range<u64>; 2] {
+    if size <= HEAD_BYTES + TAIL_BYTES {
+        return [0..size, size..size];
     }
+    [0..HEAD_BYTES, size - TAIL_BYTES..size]
 }
 
 /// Bytes read at a time: large enough that a loop device serves each read as one request,
@@ -88,7 +85,7 @@ pub fn reads_all_zero(file: &File, size: u64) -> io::Result<bool> {
 fn is_zero(bytes: &[u8]) -> bool {
     let mut words = bytes.chunks_exact(16);
     // Every piece is 16 bytes; the fallback (never taken) counts as data, failing closed.
-    let whole = (&mut words).all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0);
+    let whole = words.all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0);
     whole && words.remainder().iter().all(|&b| b == 0)
 }
 
@@ -117,14 +114,18 @@ mod tests {
 
     #[test]
     fn ranges_cover_both_ends_and_small_devices_whole() {
-        assert_eq!(checked_ranges(0), vec![0..0]);
-        assert_eq!(checked_ranges(MIB), vec![0..MIB]);
-        // Exactly head plus tail: one range, nothing skipped.
+        assert_eq!(checked_ranges(0), [0..0, 0..0]);
+        assert_eq!(checked_ranges(MIB), [0..MIB, MIB..MIB]);
+        // Exactly head plus tail: all of it, nothing skipped.
         let meet = HEAD_BYTES + TAIL_BYTES;
-        assert_eq!(checked_ranges(meet), vec![0..meet]);
+        assert_eq!(checked_ranges(meet), [0..meet, meet..meet]);
+        assert_eq!(
+            checked_ranges(meet + 1),
+            [0..HEAD_BYTES, HEAD_BYTES + 1..meet + 1]
+        );
         assert_eq!(
             checked_ranges(1 << 30),
-            vec![0..HEAD_BYTES, (1 << 30) - TAIL_BYTES..1 << 30]
+            [0..HEAD_BYTES, (1 << 30) - TAIL_BYTES..1 << 30]
         );
     }
 
