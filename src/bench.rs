@@ -438,7 +438,19 @@ fn run_shell(script: &Path, img: &Path, staging: &Path, target: &Path) -> BenchR
 /// client is what kubelet and livenessprobe are to the driver: one connection, one call at a
 /// time. It runs on a thread of its own with a single-threaded runtime, so the round trip
 /// measured is the driver's and the socket's, not a hand-over between the bench's threads.
-fn time_identity_calls(socket: &Path, n: usize) -> BenchResult<(Vec<Duration>, Vec<Duration>)> {
+///
+/// With `pin_with`, the calling thread and every thread of that driver process first move to
+/// one CPU. On an idle virtual machine most of a round trip is waking the other side's idle
+/// CPU (a halted vCPU waits for the hypervisor); on one CPU that cost disappears and what is
+/// left is the driver's and the transport's own time.
+fn time_identity_calls(
+    socket: &Path,
+    n: usize,
+    pin_with: Option<u32>,
+) -> BenchResult<(Vec<Duration>, Vec<Duration>)> {
+    if let Some(pid) = pin_with {
+        pin_to_one_cpu(pid)?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -465,6 +477,25 @@ fn time_identity_calls(socket: &Path, n: usize) -> BenchResult<(Vec<Duration>, V
         infos.sort();
         Ok((probes, infos))
     })
+}
+
+/// Moves the calling thread and all threads of process `pid` to the first CPU this thread may
+/// use.
+fn pin_to_one_cpu(pid: u32) -> BenchResult<()> {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let allowed = sched_getaffinity(Pid::from_raw(0))?;
+    let cpu = (0..CpuSet::count())
+        .find(|&c| allowed.is_set(c).unwrap_or(false))
+        .ok_or("no CPU in this thread's affinity mask")?;
+    let mut one = CpuSet::new();
+    one.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &one)?;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid: i32 = task?.file_name().to_string_lossy().parse()?;
+        sched_setaffinity(Pid::from_raw(tid), &one)?;
+    }
+    Ok(())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -721,7 +752,7 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
     let socket = all.socket.clone();
     let (probe_times, info_times) = tokio::task::spawn_blocking({
         let n = args.probes;
-        move || time_identity_calls(&socket, n)
+        move || time_identity_calls(&socket, n, None)
     })
     .await??;
     let (p50, p99) = (
@@ -737,6 +768,13 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
         mt.push(started.elapsed());
     }
     mt.sort();
+    // Last, as it moves the driver's threads: the same calls with client and driver on one CPU.
+    let socket = all.socket.clone();
+    let (pinned, _) = tokio::task::spawn_blocking({
+        let (n, pid) = (args.probes, all.child.id());
+        move || time_identity_calls(&socket, n, Some(pid))
+    })
+    .await??;
     for r in [
         target(
             format!("Probe p50 over the socket ({} calls)", probe_times.len()),
@@ -751,6 +789,14 @@ async fn run(args: BenchArgs) -> BenchResult<()> {
                 "{} / {}",
                 us(percentile(&info_times, 0.5)),
                 us(percentile(&info_times, 0.99))
+            ),
+        ),
+        row(
+            "Probe p50 / p99, client and driver on one CPU (no cross-CPU wake-up)",
+            format!(
+                "{} / {}",
+                us(percentile(&pinned, 0.5)),
+                us(percentile(&pinned, 0.99))
             ),
         ),
         row(
