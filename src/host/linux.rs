@@ -410,8 +410,30 @@ impl Host for LinuxHost {
         static TOOLS_FOUND: std::sync::atomic::AtomicBool =
             std::sync::atomic::AtomicBool::new(false);
         let tools_known = TOOLS_FOUND.load(std::sync::atomic::Ordering::Relaxed);
+        // The loop driver cannot be unloaded while its control device is open, so the first
+        // descriptor that opens is kept; later calls only see that the node attach opens is
+        // still there, a stat instead of an open and a close (whose cost an idle machine turns
+        // into tens of microseconds of Probe latency by letting the client's CPU fall asleep).
+        static LOOP_DRIVER: std::sync::OnceLock<File> = std::sync::OnceLock::new();
         let mut missing = Vec::new();
-        if let Err(e) = OpenOptions::new().read(true).write(true).open(LOOP_CONTROL) {
+        let loop_ready = match LOOP_DRIVER.get() {
+            Some(_) => std::fs::metadata(LOOP_CONTROL).and_then(|m| {
+                if m.file_type().is_char_device() {
+                    Ok(())
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "not a character device",
+                    ))
+                }
+            }),
+            None => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(LOOP_CONTROL)
+                .map(|f| drop(LOOP_DRIVER.set(f))),
+        };
+        if let Err(e) = loop_ready {
             missing.push(format!("{LOOP_CONTROL} ({e})"));
         }
         if !tools_known {
