@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod node;
 pub mod registration;
 pub mod server;
+pub mod signature;
 pub mod validate;
 
 /// The generated CSI v1 messages and services.

@@ -533,20 +533,19 @@ impl NodeService {
         let _guard = self.guards.acquire(volume_id)?;
         self.backend.image_path(volume_id)?; // a malformed id is NOT_FOUND, as everywhere
         validate::no_symlinks(target, "target_path")?;
-        // Stacked mounts (a retried publish that raced) are unmounted one by one.
-        for _ in 0..16 {
-            let mounts = self.host.mounts()?;
-            if top_mount(&mounts, target).is_none() {
-                break;
+        // Stacked mounts (a retried publish that raced) are unmounted one by one; each look at
+        // the mount table decides both whether to go on and whether the last unmount did it.
+        let mut unmounted = 0;
+        while top_mount(&self.host.mounts()?, target).is_some() {
+            if unmounted == 16 {
+                return Err(Error::Internal(format!(
+                    "{} is still mounted after 16 unmounts",
+                    target.display()
+                )));
             }
             self.host.unmount(target)?;
+            unmounted += 1;
             crate::faults::point("unpublish.after_unmount");
-        }
-        if top_mount(&self.host.mounts()?, target).is_some() {
-            return Err(Error::Internal(format!(
-                "{} is still mounted after 16 unmounts",
-                target.display()
-            )));
         }
         remove_target(target)?;
         info!(volume_id, target = %target.display(), "unpublished");
@@ -1025,6 +1024,26 @@ mod tests {
         e.node.unstage(&id, &e.staging()).unwrap();
         assert_eq!(e.attached(), 0);
         assert!(e.host.mounts().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unpublish_removes_stacked_mounts_one_by_one() {
+        let e = env();
+        let id = e.volume("v", &mount_cap());
+        let target = e.target("t");
+        e.stage(&id, &mount_cap()).unwrap();
+        e.publish(&id, &target, &mount_cap()).unwrap();
+        // What a retried publish racing the first can leave: a second bind on the same target.
+        e.host.bind_mount(&e.staging(), &target, false).unwrap();
+        e.host.clear_calls();
+        e.node.unpublish(&id, &target).unwrap();
+        assert_eq!(e.host.count("unmount"), 2, "{:?}", e.host.call_log());
+        assert!(top_mount(&e.host.mounts().unwrap(), &target).is_none());
+        assert!(!target.exists());
+        // A target that cannot be unmounted is an error, not a loop.
+        e.publish(&id, &target, &mount_cap()).unwrap();
+        e.host.fail_next("unmount");
+        assert!(e.node.unpublish(&id, &target).is_err());
     }
 
     #[test]

@@ -276,6 +276,85 @@ async fn a_volume_whose_filesystem_vanished_is_refused_not_formatted() {
     sb.assert_no_leaks();
 }
 
+/// A fresh volume skips blkid only when both ends read as zero. Signatures at the farthest
+/// places blkid looks from the start and from the end must still be found and refused; bytes
+/// there that are no signature leave the verdict to blkid, which lets the volume be formatted.
+#[tokio::test(flavor = "multi_thread")]
+async fn signatures_at_either_end_are_refused_and_other_bytes_left_to_blkid() {
+    let sb = Sandbox::new();
+    let driver = Driver::all(&sb);
+    let mut c = driver.client().await;
+    let cap = mount_cap("ext4");
+    let staging = sb.dir("staging");
+    let size = 64 * MIB as u64;
+    // (name, offset, bytes, whether blkid reports a signature)
+    let cases: [(&str, u64, Vec<u8>, bool); 4] = [
+        (
+            "luks2-secondary-header",
+            4 * MIB as u64,
+            b"SKUL\xba\xbe".to_vec(),
+            true,
+        ),
+        (
+            "promise-raid",
+            size - 3087 * 512,
+            b"Promise Technology, Inc.".to_vec(),
+            true,
+        ),
+        (
+            "md-0.90",
+            (size & !0xffff) - 0x10000,
+            vec![0xfc, 0x4e, 0x2b, 0xa9],
+            true,
+        ),
+        ("no-signature", size - 4096, vec![0x5a; 4096], false),
+    ];
+    for (name, at, bytes, signature) in cases {
+        let id = c.create(name, size as i64, &cap).await;
+        let image = image_of(&sb, &id);
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .unwrap();
+            f.write_all_at(&bytes, at).unwrap();
+            f.sync_all().unwrap();
+        }
+        let blkid = std::process::Command::new("blkid")
+            .args(["-p", "-o", "export"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert_eq!(
+            blkid.status.success(),
+            signature,
+            "{name}: blkid must agree for this test to mean anything: {}",
+            String::from_utf8_lossy(&blkid.stdout)
+        );
+        let before = std::fs::read(&image).unwrap();
+        c.controller_publish(&id, &cap).await;
+        let res = c.stage(&id, &staging, &cap).await;
+        if signature {
+            let err = res.unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "{name}: {err:?}");
+            assert_eq!(
+                std::fs::read(&image).unwrap(),
+                before,
+                "{name}: the image must be untouched"
+            );
+            assert!(sb.loops().is_empty(), "{name}: {:?}", sb.loops());
+        } else {
+            res.unwrap();
+            assert!(fs_uuid(&image).is_some(), "{name}: must be formatted");
+            c.unstage(&id, &staging).await;
+        }
+        c.remove(&id).await;
+    }
+    assert!(driver.stop().success());
+    sb.assert_no_leaks();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn error_paths_leave_nothing_behind() {
     let sb = Sandbox::new();

@@ -17,7 +17,11 @@
 //! ```
 //! Crash safety rests on the order of writes. Create: name index, then image, then record; a retry
 //! that finds an index without a record finishes the same volume instead of making another.
-//! Delete: index, then image, then record; a retry finishes it.
+//! Delete: index, then image, then record; a retry finishes it. On pools whose filesystem
+//! journals metadata in order (ext4, XFS) the renames and unlinks before the last step are not
+//! synced one by one: the fsyncs of the last step commit them in the same order, so a power cut
+//! still leaves a prefix of the sequence. Files get their own fsync before their rename wherever
+//! they hold data, since data is outside that order.
 //! Snapshots need no index: their id is derived from their name, so a retry finds its own work.
 //! Create: clone or copy under a temporary name, rename, then the record; delete: record, then
 //! image. On pools whose filesystem journals metadata in order (ext4, XFS) one fsync of the
@@ -34,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::copy::{self, Mode as CopyMode};
 use super::fsutil::{
     create_atomic, hash_name, read_optional, remove_if_exists, sync_dir, write_atomic,
-    write_ordered, FileLock,
+    write_ordered, write_then_rename, FileLock,
 };
 use super::{
     Attachment, BlockStorage, Capacity, Error, GroupSnapshot, Health, NewVolume, Node,
@@ -307,6 +311,16 @@ impl FilePool {
             .ok_or_else(|| Error::NotFound(format!("volume {id}")))
     }
 
+    /// Makes the renames and unlinks of `dir` durable, unless the pool's journal is ordered:
+    /// then the fsync that ends the operation commits them. Callers must end with one.
+    fn sync_dir_unless_committed_later(&self, dir: &str) -> Result<()> {
+        if self.ordered_journal {
+            Ok(())
+        } else {
+            sync_dir(&self.root.join(dir))
+        }
+    }
+
     fn store(&self, volume: &Volume) -> Result<()> {
         write_atomic(&self.record(&volume.id), &to_json(volume)?)
     }
@@ -331,21 +345,26 @@ impl FilePool {
         let res = (|| {
             let (f, t) = super::fsutil::create_temp(&path)?;
             tmp = t;
-            if let Some(src) = from {
-                copy::copy_into(src, &f, CopyMode::Auto)?;
-            }
+            let method = match from {
+                Some(src) => Some(copy::copy_into(src, &f, CopyMode::Auto)?),
+                None => None,
+            };
             f.set_len(size)?;
             if provisioning == Provisioning::Thick {
                 copy::reserve(&f, 0, size)?;
             }
-            f.sync_all()?;
+            // Size, reservation and reflinked extents are metadata, which an ordered journal
+            // commits with the record's fsync; copied data blocks are not, so they get their own.
+            if method == Some(copy::Method::DataCopy) || !self.ordered_journal {
+                f.sync_all()?;
+            }
             std::fs::rename(&tmp, &path)
         })();
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::io(format!("create image {}", path.display()), e));
         }
-        sync_dir(&self.root.join("volumes"))
+        self.sync_dir_unless_committed_later("volumes")
     }
 
     fn snapshot_image(&self, id: &str) -> PathBuf {
@@ -606,7 +625,9 @@ impl BlockStorage for FilePool {
                     name: req.name.clone(),
                     volume_id: id.clone(),
                 };
-                write_atomic(&index_path, &to_json(&index)?)?;
+                // Synced before its rename: an empty index would fail this name for good.
+                write_then_rename(&index_path, &to_json(&index)?)?;
+                self.sync_dir_unless_committed_later("meta/names")?;
                 crate::faults::point("create.after_index");
                 id
             }
@@ -686,9 +707,10 @@ impl BlockStorage for FilePool {
         }
         crate::faults::point("delete.after_index");
         remove_if_exists(&self.image(id))?;
-        sync_dir(&self.root.join("volumes"))?;
+        self.sync_dir_unless_committed_later("volumes")?;
         crate::faults::point("delete.after_image");
         remove_if_exists(&self.record(id))?;
+        // The delete's one commit, of the index, image and record removals in their order.
         sync_dir(&self.root.join("meta/volumes"))?;
         lock.remove()
     }

@@ -77,6 +77,15 @@ pub fn remove_abandoned_temp(path: &Path) -> Result<bool> {
 /// Replaces `path` with `data` so that a crash leaves either the old or the new content:
 /// temp file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_then_rename(path, data)?;
+    sync_dir(path.parent().unwrap_or(Path::new("/")))
+}
+
+/// [`write_atomic`] without the fsync of the directory: the content is durable before the name
+/// appears, so the file is never seen empty, but the rename is not durable yet. Only for pools
+/// with one ordered metadata journal (ext4, XFS), and only in an operation that ends with an
+/// fsync in the same pool before it answers: that fsync commits this rename with it.
+pub fn write_then_rename(path: &Path, data: &[u8]) -> Result<()> {
     let mut tmp = temp_path(path);
     let res = (|| {
         let (mut f, t) = create_temp(path)?;
@@ -89,7 +98,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(format!("write {}", path.display()), e));
     }
-    sync_dir(path.parent().unwrap_or(Path::new("/")))
+    Ok(())
 }
 
 /// Replaces `path` with `data` using one fsync: temp file, rename, then fsync of the renamed

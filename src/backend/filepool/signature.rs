@@ -7,17 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::backend::Volume;
-
-/// Where each supported filesystem keeps its magic number, and the bytes.
-fn magic(fs: &str) -> Option<(u64, &'static [u8])> {
-    match fs {
-        // ext2/3/4: s_magic 0xEF53 (little-endian) at 0x38 in the superblock at 1024.
-        "ext4" => Some((1024 + 0x38, &[0x53, 0xef])),
-        // XFS: sb_magicnum "XFSB" at the start of the primary superblock.
-        "xfs" => Some((0, b"XFSB")),
-        _ => None,
-    }
-}
+use crate::signature::magic;
 
 /// A message when the record says the volume holds a filesystem and the image has no trace of
 /// it; `None` when it does, when the record names none, or when the image cannot be read (the
