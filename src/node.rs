@@ -12,7 +12,7 @@ use crate::backend::{BlockStorage, Capability, Health, Node, Timestamp, Volume};
 use crate::controller::check_fits;
 use crate::error::{Error, Result};
 use crate::guard::OpGuards;
-use crate::host::{AttachOptions, FsStats, FsType, Host, LoopDevice, MountEntry, Probe};
+use crate::host::{AttachOptions, FileId, FsStats, FsType, Host, LoopDevice, MountEntry, Probe};
 use crate::metrics::{time_phase, Phase};
 use crate::validate;
 
@@ -89,7 +89,7 @@ impl NodeService {
         })?;
         let mounts = self.host.mounts()?;
         for dev in self.host.loop_devices()? {
-            let Some(id) = self.volume_of_image(&dev.backing_file) else {
+            let Some(id) = self.volume_of_device(&dev) else {
                 continue;
             };
             let at: Vec<String> = mounts
@@ -102,19 +102,26 @@ impl NodeService {
         Ok(())
     }
 
-    /// The volume id of an image path inside this pool, if it is one.
-    fn volume_of_image(&self, image: &Path) -> Option<String> {
-        let id = image.file_stem()?.to_str()?;
-        (self.backend.image_path(id).ok()? == image).then(|| id.to_string())
+    /// The volume whose image backs `dev`, if it is one of this pool's: by path, or by inode
+    /// when sysfs shows the path cut short (see `loops_of`).
+    fn volume_of_device(&self, dev: &LoopDevice) -> Option<String> {
+        let id = dev.backing_file.file_stem()?.to_str()?;
+        let image = self.backend.image_path(id).ok()?;
+        let same = image == dev.backing_file
+            || (dev.backing_id.is_some() && FileId::of(&image) == dev.backing_id);
+        same.then(|| id.to_string())
     }
 
-    /// Loop devices backed by the volume's image, including ones whose image was deleted.
+    /// The loop devices backed by `image`, including ones whose image was deleted: by path, or
+    /// by inode when the path sysfs shows is cut short (the device was attached from a mount namespace that is gone, such as a
+    /// previous node plugin container).
     fn loops_of(&self, image: &Path) -> Result<Vec<LoopDevice>> {
+        let id = FileId::of(image);
         Ok(self
             .host
             .loop_devices()?
             .into_iter()
-            .filter(|d| d.backing_file == image)
+            .filter(|d| d.backing_file == image || (id.is_some() && d.backing_id == id))
             .collect())
     }
 

@@ -468,6 +468,7 @@ impl Host for FakeHost {
                 path: PathBuf::from(format!("/dev/loop{n}")),
                 dev: loop_dev(*n),
                 backing_file: l.image.clone(),
+                backing_id: None,
                 backing_deleted: st.files.get(&l.image) != Some(&l.file),
             })
             .collect())
@@ -497,6 +498,7 @@ impl Host for FakeHost {
             path: PathBuf::from(format!("/dev/loop{n}")),
             dev: loop_dev(n),
             backing_file: image.to_path_buf(),
+            backing_id: None,
             backing_deleted: false,
         })
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use tracing::debug;
 
-use super::{AttachOptions, DevId, Error, LoopDevice, Result};
+use super::{AttachOptions, DevId, Error, FileId, LoopDevice, Result};
 
 pub(crate) const LOOP_CONTROL: &str = "/dev/loop-control";
 const SYS_BLOCK: &str = "/sys/block";
@@ -23,6 +23,7 @@ const DEV_DIR: &str = "/dev";
 const LOOP_SET_FD: u32 = 0x4C00;
 const LOOP_CLR_FD: u32 = 0x4C01;
 const LOOP_SET_STATUS64: u32 = 0x4C04;
+const LOOP_GET_STATUS64: u32 = 0x4C05;
 const LOOP_SET_CAPACITY: u32 = 0x4C07;
 const LOOP_SET_DIRECT_IO: u32 = 0x4C08;
 const LOOP_CONFIGURE: u32 = 0x4C0A;
@@ -76,6 +77,7 @@ const _: () = assert!(std::mem::size_of::<LoopConfig>() == 304);
 nix::ioctl_write_int_bad!(loop_set_fd, LOOP_SET_FD);
 nix::ioctl_none_bad!(loop_clr_fd, LOOP_CLR_FD);
 nix::ioctl_write_ptr_bad!(loop_set_status64, LOOP_SET_STATUS64, LoopInfo64);
+nix::ioctl_read_bad!(loop_get_status64, LOOP_GET_STATUS64, LoopInfo64);
 nix::ioctl_none_bad!(loop_set_capacity, LOOP_SET_CAPACITY);
 nix::ioctl_write_int_bad!(loop_set_direct_io, LOOP_SET_DIRECT_IO);
 nix::ioctl_write_ptr_bad!(loop_configure, LOOP_CONFIGURE, LoopConfig);
@@ -279,7 +281,30 @@ fn describe(device: &File, path: &Path, image: &Path) -> Result<LoopDevice> {
         dev,
         backing_file,
         backing_deleted,
+        backing_id: backing_id(device),
     })
+}
+
+/// The identity of the file behind an attached loop device (`LOOP_GET_STATUS64`); `None` when
+/// the device is not attached (any more) or refuses.
+fn backing_id(device: &File) -> Option<FileId> {
+    // SAFETY: loop_info64 is plain integers and byte arrays, for which all-zero is valid.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: LOOP_GET_STATUS64 fills a loop_info64 we own; `device` is open for the call.
+    unsafe { loop_get_status64(device.as_raw_fd(), &mut info) }.ok()?;
+    Some(FileId {
+        dev: decode_kernel_dev(info.lo_device),
+        ino: info.lo_inode,
+    })
+}
+
+/// The kernel reports device numbers in its `new_encode_dev` layout: minor bits 0-7, major
+/// bits 8-19, the rest of the minor above.
+fn decode_kernel_dev(x: u64) -> DevId {
+    DevId {
+        major: ((x >> 8) & 0xfff) as u32,
+        minor: ((x & 0xff) | ((x >> 12) & 0xfff00)) as u32,
+    }
 }
 
 /// Detaches `dev`. Already detached, a vanished device node, or a device that meanwhile holds
@@ -376,13 +401,16 @@ pub(crate) fn list_in(sys_block: &Path, dev_dir: &Path) -> Result<Vec<LoopDevice
         let Some((backing_file, backing_deleted)) = read_backing(&dir)? else {
             continue;
         };
+        let path = dev_dir.join(&name);
+        let backing_id = File::open(&path).ok().and_then(|f| backing_id(&f));
         found.push((
             number,
             LoopDevice {
-                path: dev_dir.join(&name),
+                path,
                 dev,
                 backing_file,
                 backing_deleted,
+                backing_id,
             },
         ));
     }
@@ -569,25 +597,43 @@ mod tests {
             ("vda", Some("254:0\n"), None),
             ("loop0p1", Some("259:0\n"), Some(b"/pool/x.img\n")),
         ]);
-        let got = list_in(sys.path(), Path::new("/dev")).unwrap();
+        // A device directory without device nodes: no identity can be read.
+        let dev = tempfile::tempdir().unwrap();
+        let got = list_in(sys.path(), dev.path()).unwrap();
         let want = vec![
             LoopDevice {
-                path: "/dev/loop2".into(),
+                path: dev.path().join("loop2"),
                 dev: DevId { major: 7, minor: 2 },
                 backing_file: "/pool/a.img".into(),
                 backing_deleted: true,
+                backing_id: None,
             },
             LoopDevice {
-                path: "/dev/loop10".into(),
+                path: dev.path().join("loop10"),
                 dev: DevId {
                     major: 7,
                     minor: 10,
                 },
                 backing_file: "/pool/b.img".into(),
                 backing_deleted: false,
+                backing_id: None,
             },
         ];
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn kernel_device_numbers_decode() {
+        // new_encode_dev(MKDEV(259, 0x12345)) and MKDEV(8, 1).
+        let x = 0x45 | (259 << 8) | (0x12300 << 12);
+        assert_eq!(
+            decode_kernel_dev(x),
+            DevId {
+                major: 259,
+                minor: 0x12345
+            }
+        );
+        assert_eq!(decode_kernel_dev(0x801), DevId { major: 8, minor: 1 });
     }
 
     #[test]

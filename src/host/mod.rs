@@ -35,6 +35,34 @@ pub struct LoopDevice {
     pub backing_file: PathBuf,
     /// True when sysfs says the backing file was unlinked while attached.
     pub backing_deleted: bool,
+    /// The backing file's identity, when the kernel tells it. sysfs shows the path as seen
+    /// from the mount namespace that attached the device; once that namespace is gone (a node
+    /// plugin container restarted) the path is cut to the mount's root, and only this still
+    /// names the image.
+    pub backing_id: Option<FileId>,
+}
+
+/// A file's identity: the device of its filesystem and its inode number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: DevId,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file at `path`; `None` when it cannot be read (gone, say).
+    pub fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        let dev = meta.dev();
+        Some(FileId {
+            dev: DevId {
+                major: libc::major(dev),
+                minor: libc::minor(dev),
+            },
+            ino: meta.ino(),
+        })
+    }
 }
 
 /// How to attach an image.

@@ -112,6 +112,22 @@ made_kubelet_dir=0
 made_pool_dir=0
 made_bridge=0
 netns_before=" "
+loops_before=" "
+
+# pool_loops: the loop devices attached during this run to images of the pool. sysfs shows the
+# image path as the attaching container saw it, cut to the mount's root ("/volumes/x.img") once
+# that container is gone; devices attached before the run are never touched.
+pool_loops() {
+  local f b n
+  for f in /sys/block/loop*/loop/backing_file; do
+    [ -r "$f" ] || continue
+    b="$(cat "$f" 2>/dev/null)" || continue
+    n="${f#/sys/block/}"
+    n="/dev/${n%%/*}"
+    case "$loops_before" in *" $n "*) continue ;; esac
+    case "${b% (deleted)}" in "$POOL_PARENT"/* | /volumes/*.img | "$tmp"/*) echo "$n" ;; esac
+  done
+}
 
 # kill_shims: containerd's shims (and so the containers) outlive containerd; the ones of this
 # run's containerd carry its address on their command line.
@@ -143,7 +159,7 @@ cleanup() {
     [ -n "$m" ] || break
     for n in $m; do umount "$n" 2>/dev/null || umount -l "$n" 2>/dev/null || true; done
   done
-  for dev in $(loops_under "$POOL_PARENT") $(loops_under "$tmp"); do losetup -d "$dev" 2>/dev/null || true; done
+  for dev in $(pool_loops); do losetup -d "$dev" 2>/dev/null || true; done
   for n in /var/run/netns/cni-*; do
     [ -e "$n" ] || continue
     case "$netns_before" in *" $n "*) continue ;; esac
@@ -211,6 +227,7 @@ step_preflight() {
   fi
   local n
   for n in /var/run/netns/cni-*; do [ -e "$n" ] && netns_before+="$n "; done
+  for n in /sys/block/loop*/loop; do [ -e "$n" ] && n="${n#/sys/block/}" && loops_before+="/dev/${n%%/*} "; done
   log "$(containerd --version | awk '{ print $1, $3 }'); $(runc --version | head -n 1)"
 }
 
@@ -838,7 +855,7 @@ step_teardown() {
   [ -z "$left" ] || { log "left in the pool:"; echo "$left" >&2; ok=1; }
   left="$(csi_mounts)"
   [ -z "$left" ] || { log "CSI mounts left: $left"; ok=1; }
-  left="$(loops_under "$POOL_PARENT")"
+  left="$(pool_loops)"
   [ -z "$left" ] || { log "loop devices left: $left"; ok=1; }
   [ "$ok" -eq 0 ] || return 1
   log "pool empty; no CSI mount or loop device left"
@@ -869,7 +886,7 @@ step_shutdown() {
   done
   kill_shims
   m="$(csi_mounts)"
-  l="$( (loops_under "$POOL_PARENT"; loops_under "$tmp") )"
+  l="$(pool_loops)"
   [ -z "$m" ] || { log "mounts left: $m"; ok=1; }
   [ -z "$l" ] || { log "loop devices left: $l"; ok=1; }
   return "$ok"
