@@ -167,6 +167,23 @@ step() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Build results.
+
+# load_build_output: reads the "name=value" lines of build.sh and rootfs.sh on stdin into
+# variables named after them, upper-cased with dashes as underscores (kube-apiserver=/x sets
+# KUBE_APISERVER=/x).
+load_build_output() {
+  local line name
+  while IFS= read -r line; do
+    case "$line" in [a-z]*=*) ;; *) continue ;; esac
+    name="${line%%=*}"
+    name="${name^^}"
+    name="${name//-/_}"
+    printf -v "$name" '%s' "${line#*=}"
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
 # Certificates and kubeconfigs.
 
 # cert NAME SUBJECT EXTENSIONS: a key and a certificate signed by the test CA.

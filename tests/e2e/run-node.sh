@@ -238,34 +238,10 @@ step_build() {
   local lines line
   lines="$("$here/build.sh")" || return 1
   lines+=$'\n'"$("$here/rootfs.sh")" || return 1
-  while IFS= read -r line; do
-    case "$line" in
-      kube-apiserver=*) APISERVER="${line#*=}" ;;
-      kube-controller-manager=*) KCM="${line#*=}" ;;
-      kube-scheduler=*) SCHEDULER="${line#*=}" ;;
-      kubectl=*) KUBECTL="${line#*=}" ;;
-      kubelet=*) KUBELET="${line#*=}" ;;
-      kube-proxy=*) KUBE_PROXY="${line#*=}" ;;
-      etcd=*) ETCD="${line#*=}" ;;
-      csi-provisioner=*) PROVISIONER="${line#*=}" ;;
-      csi-attacher=*) ATTACHER="${line#*=}" ;;
-      csi-snapshotter=*) SNAPSHOTTER="${line#*=}" ;;
-      snapshot-controller=*) SNAPSHOT_CONTROLLER="${line#*=}" ;;
-      csi-resizer=*) RESIZER="${line#*=}" ;;
-      crds=*) CRDS="${line#*=}" ;;
-      pause=*) PAUSE="${line#*=}" ;;
-      pause_tag=*) PAUSE_TAG="${line#*=}" ;;
-      buildkitd=*) BUILDKITD="${line#*=}" ;;
-      buildctl=*) BUILDCTL="${line#*=}" ;;
-      registry=*) REGISTRY="${line#*=}" ;;
-      base=*) BASE_ROOTFS="${line#*=}" ;;
-      builder=*) BUILDER_ROOTFS="${line#*=}" ;;
-      rust=*) RUST_VERSION="${line#*=}" ;;
-    esac
-  done <<<"$lines"
-  for v in APISERVER KCM SCHEDULER KUBECTL KUBELET KUBE_PROXY ETCD PROVISIONER ATTACHER SNAPSHOTTER \
-           SNAPSHOT_CONTROLLER RESIZER CRDS PAUSE PAUSE_TAG BUILDKITD BUILDCTL REGISTRY BASE_ROOTFS \
-           BUILDER_ROOTFS RUST_VERSION; do
+  load_build_output <<<"$lines"
+  for v in KUBE_APISERVER KUBE_CONTROLLER_MANAGER KUBE_SCHEDULER KUBECTL KUBELET KUBE_PROXY ETCD CSI_PROVISIONER CSI_ATTACHER CSI_SNAPSHOTTER \
+           SNAPSHOT_CONTROLLER CSI_RESIZER CRDS PAUSE PAUSE_TAG BUILDKITD BUILDCTL REGISTRY BASE \
+           BUILDER RUST; do
     [ -n "${!v:-}" ] || fail "build did not report $v" || return
   done
   "$KUBELET" --version >&2
@@ -367,17 +343,17 @@ EOF
   start buildkitd "$BUILDKITD" --config "$tmp/buildkitd.toml" --oci-worker-net=host
   wait_until "BuildKit" "$BUILDCTL" --addr "unix://$tmp/buildkitd.sock" debug workers || return 1
 
-  base_tag="$(basename "$BASE_ROOTFS" .tar)"
-  builder_tag="$(basename "$BUILDER_ROOTFS" .tar)"
-  push_rootfs "$BASE_ROOTFS" blockcsi-e2e/debian "$base_tag" || fail "pushing the base image" || return
-  push_rootfs "$BUILDER_ROOTFS" blockcsi-e2e/rust "$builder_tag" /usr/local/rust/bin: ||
+  base_tag="$(basename "$BASE" .tar)"
+  builder_tag="$(basename "$BUILDER" .tar)"
+  push_rootfs "$BASE" blockcsi-e2e/debian "$base_tag" || fail "pushing the base image" || return
+  push_rootfs "$BUILDER" blockcsi-e2e/rust "$builder_tag" /usr/local/rust/bin: ||
     fail "pushing the builder image" || return
 
   # The blockcsi image: the project's Dockerfile, as a user builds it, from the two bases.
   DRIVER_IMAGE="$(image_of "$manifests/40-node.yaml" blockcsi)"
   [ -n "$DRIVER_IMAGE" ] || fail "no blockcsi image in $manifests/40-node.yaml" || return
   local start_build=$SECONDS
-  log "building $DRIVER_IMAGE from $repo/Dockerfile (rust $RUST_VERSION builder) ..."
+  log "building $DRIVER_IMAGE from $repo/Dockerfile (rust $RUST builder) ..."
   buildctl_ --frontend dockerfile.v0 --local context="$repo" --local dockerfile="$repo" \
     --opt "build-arg:BUILDER_IMAGE=$REGISTRY_ADDR/blockcsi-e2e/rust:$builder_tag" \
     --opt "build-arg:BASE_IMAGE=$REGISTRY_ADDR/blockcsi-e2e/debian:$base_tag" \
@@ -388,10 +364,10 @@ EOF
   # The sidecars of the manifests, each its binary on an empty image under the manifest's name.
   for name in csi-provisioner csi-attacher csi-snapshotter csi-resizer; do
     case "$name" in
-      csi-provisioner) bin="$PROVISIONER" ;;
-      csi-attacher) bin="$ATTACHER" ;;
-      csi-snapshotter) bin="$SNAPSHOTTER" ;;
-      csi-resizer) bin="$RESIZER" ;;
+      csi-provisioner) bin="$CSI_PROVISIONER" ;;
+      csi-attacher) bin="$CSI_ATTACHER" ;;
+      csi-snapshotter) bin="$CSI_SNAPSHOTTER" ;;
+      csi-resizer) bin="$CSI_RESIZER" ;;
     esac
     local img
     img="$(image_of "$manifests/30-controller.yaml" "$name")"
@@ -442,7 +418,7 @@ extendedKeyUsage=serverAuth" || fail "API server certificate" || return
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-cluster "e2e=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level warn
-  start kube-apiserver "$APISERVER" \
+  start kube-apiserver "$KUBE_APISERVER" \
     --bind-address="$NODE_IP" --advertise-address="$NODE_IP" --secure-port="$API_PORT" \
     --etcd-servers="http://127.0.0.1:$etcd_port" \
     --cert-dir="$tmp/apiserver" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
@@ -454,10 +430,10 @@ extendedKeyUsage=serverAuth" || fail "API server certificate" || return
     --service-account-signing-key-file="$pki/sa.key" --service-cluster-ip-range="$SERVICE_CIDR" \
     --allow-privileged=true --profiling=false --v=1
   wait_until "the API server to be ready" k get --raw /readyz || return 1
-  start kube-controller-manager "$KCM" --kubeconfig="$KUBECONFIG" --secure-port=0 --leader-elect=false \
+  start kube-controller-manager "$KUBE_CONTROLLER_MANAGER" --kubeconfig="$KUBECONFIG" --secure-port=0 --leader-elect=false \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --use-service-account-credentials=true --v=2
-  start kube-scheduler "$SCHEDULER" --kubeconfig="$KUBECONFIG" --secure-port=0 --leader-elect=false --v=2
+  start kube-scheduler "$KUBE_SCHEDULER" --kubeconfig="$KUBECONFIG" --secure-port=0 --leader-elect=false --v=2
   wait_until "the default ServiceAccount (controller manager working)" k -n default get serviceaccount default || return 1
   k apply --server-side -f "$CRDS" >&2 || fail "applying the CRDs in $CRDS" || return
   k wait --for=condition=Established --timeout="${wait_s}s" -f "$CRDS" >&2 || return 1

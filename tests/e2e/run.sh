@@ -145,24 +145,9 @@ step_build() {
   }
   binary="$(realpath "$binary")"
   lines="$("$here/build.sh")" || return 1
-  while IFS= read -r line; do
-    case "$line" in
-      kube-apiserver=*) APISERVER="${line#*=}" ;;
-      kube-controller-manager=*) KCM="${line#*=}" ;;
-      kube-scheduler=*) SCHEDULER="${line#*=}" ;;
-      kubectl=*) KUBECTL="${line#*=}" ;;
-      etcd=*) ETCD="${line#*=}" ;;
-      csi-provisioner=*) PROVISIONER="${line#*=}" ;;
-      csi-attacher=*) ATTACHER="${line#*=}" ;;
-      csi-snapshotter=*) SNAPSHOTTER="${line#*=}" ;;
-      snapshot-controller=*) SNAPSHOT_CONTROLLER="${line#*=}" ;;
-      csi-resizer=*) RESIZER="${line#*=}" ;;
-      csictl=*) CSICTL="${line#*=}" ;;
-      crds=*) CRDS="${line#*=}" ;;
-    esac
-  done <<<"$lines"
-  for v in APISERVER KCM SCHEDULER KUBECTL ETCD PROVISIONER ATTACHER SNAPSHOTTER \
-           SNAPSHOT_CONTROLLER RESIZER CSICTL CRDS; do
+  load_build_output <<<"$lines"
+  for v in KUBE_APISERVER KUBE_CONTROLLER_MANAGER KUBE_SCHEDULER KUBECTL ETCD CSI_PROVISIONER CSI_ATTACHER CSI_SNAPSHOTTER \
+           SNAPSHOT_CONTROLLER CSI_RESIZER CSICTL CRDS; do
     [ -n "${!v:-}" ] || fail "build.sh did not report $v" || return
   done
   "$KUBECTL" version --client 2>/dev/null | head -n 1 >&2 || true
@@ -189,7 +174,7 @@ extendedKeyUsage=serverAuth" || fail "API server certificate" || return
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
     --initial-cluster "e2e=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level warn
-  start kube-apiserver "$APISERVER" \
+  start kube-apiserver "$KUBE_APISERVER" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" \
     --etcd-servers="http://127.0.0.1:$etcd_port" \
     --cert-dir="$tmp/apiserver" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
@@ -201,11 +186,11 @@ extendedKeyUsage=serverAuth" || fail "API server certificate" || return
 
   # Only the controllers the storage path needs; in particular no node-lifecycle controller,
   # which would mark the kubelet-less node NotReady and evict its pods.
-  start kube-controller-manager "$KCM" --kubeconfig="$KUBECONFIG" --secure-port=0 --leader-elect=false \
+  start kube-controller-manager "$KUBE_CONTROLLER_MANAGER" --kubeconfig="$KUBECONFIG" --secure-port=0 --leader-elect=false \
     --controllers=serviceaccount-token-controller,serviceaccount-controller,namespace-controller,garbage-collector-controller,persistentvolume-binder-controller,persistentvolume-attach-detach-controller,persistentvolume-expander-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,root-ca-certificate-publisher-controller \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --use-service-account-credentials=false --v=2
-  start kube-scheduler "$SCHEDULER" --kubeconfig="$KUBECONFIG" --secure-port=0 --leader-elect=false --v=2
+  start kube-scheduler "$KUBE_SCHEDULER" --kubeconfig="$KUBECONFIG" --secure-port=0 --leader-elect=false --v=2
   wait_until "the default ServiceAccount (controller manager working)" k -n default get serviceaccount default || return 1
   k version >&2 || true
 }
@@ -375,10 +360,10 @@ step_sidecars() {
   kubeconfig "$sa_kubeconfig" --token="$token" || return 1
   for name in csi-provisioner csi-attacher csi-snapshotter csi-resizer; do
     case "$name" in
-      csi-provisioner) bin="$PROVISIONER" cap=CREATE_DELETE_VOLUME ;;
-      csi-attacher) bin="$ATTACHER" cap=PUBLISH_UNPUBLISH_VOLUME ;;
-      csi-snapshotter) bin="$SNAPSHOTTER" cap=CREATE_DELETE_SNAPSHOT ;;
-      csi-resizer) bin="$RESIZER" cap=EXPAND_VOLUME ;;
+      csi-provisioner) bin="$CSI_PROVISIONER" cap=CREATE_DELETE_VOLUME ;;
+      csi-attacher) bin="$CSI_ATTACHER" cap=PUBLISH_UNPUBLISH_VOLUME ;;
+      csi-snapshotter) bin="$CSI_SNAPSHOTTER" cap=CREATE_DELETE_SNAPSHOT ;;
+      csi-resizer) bin="$CSI_RESIZER" cap=EXPAND_VOLUME ;;
     esac
     # These sidecars exit at once when the driver lacks their capability (in a pod they would
     # restart in a loop); the steps that need them are skipped then.
