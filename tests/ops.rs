@@ -49,26 +49,28 @@ async fn metrics_endpoint_serves_rpc_phase_and_pool_families() {
     let port = free_port();
     let socket = sb.socket();
     let log = sb.path("driver.log");
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--mode",
-            "all",
-            "--node-id",
-            NODE,
-            "--log-format",
-            "json",
-        ])
-        .arg("--endpoint")
-        .arg(format!("unix://{}", socket.display()))
-        .arg("--pool")
-        .arg(sb.pool())
-        .arg("--metrics-address")
-        .arg(format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = Reap(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--mode",
+                "all",
+                "--node-id",
+                NODE,
+                "--log-format",
+                "json",
+            ])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--pool")
+            .arg(sb.pool())
+            .arg("--metrics-address")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     wait_for_port(port);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
@@ -170,6 +172,32 @@ fn is_socket(path: &std::path::Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
+/// A driver process killed when the test ends before it does (a failed assertion), so no
+/// server outlives its test.
+struct Reap(std::process::Child);
+
+impl std::ops::Deref for Reap {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reap {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// GetInfo over a raw HTTP/2 connection whose request carries the socket path as its
 /// `:authority`, the way kubelet's plugin watcher sends it; panics unless the answer is a
 /// whole gRPC success.
@@ -256,22 +284,24 @@ async fn node_registers_with_kubelet_and_answers_healthz() {
     assert!(is_socket(&reg_socket));
 
     let log = sb.path("driver.log");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--mode", "node", "--node-id", NODE])
-        .arg("--endpoint")
-        .arg(format!("unix://{}", socket.display()))
-        .arg("--pool")
-        .arg(sb.pool())
-        .arg("--registration-dir")
-        .arg(&registry)
-        .args(["--kubelet-registration-path", host_path])
-        // One address for both: one listener serves both routes.
-        .arg(format!("--health-address=127.0.0.1:{port}"))
-        .arg(format!("--metrics-address=127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = Reap(
+        Command::new(BIN)
+            .args(["serve", "--mode", "node", "--node-id", NODE])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--pool")
+            .arg(sb.pool())
+            .arg("--registration-dir")
+            .arg(&registry)
+            .args(["--kubelet-registration-path", host_path])
+            // One address for both: one listener serves both routes.
+            .arg(format!("--health-address=127.0.0.1:{port}"))
+            .arg(format!("--metrics-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_until("the registration socket served", || {
         std::os::unix::net::UnixStream::connect(&reg_socket).is_ok()
