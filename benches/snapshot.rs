@@ -5,9 +5,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use blockcsi::backend::copy::{self, Mode};
-use blockcsi::backend::filepool::FilePool;
-use blockcsi::backend::{
+use blockcsi::storage::filepool::copy::{self, Mode};
+use blockcsi::storage::filepool::FilePool;
+use blockcsi::storage::{
     AccessMode, AccessType, BlockStorage, Capability, NewVolume, Provisioning, VolumeSource,
 };
 

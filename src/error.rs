@@ -63,9 +63,9 @@ pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     format!("{}...", &s[..cut]).into()
 }
 
-impl From<crate::backend::Error> for Error {
-    fn from(err: crate::backend::Error) -> Error {
-        use crate::backend::Error as B;
+impl From<crate::storage::Error> for Error {
+    fn from(err: crate::storage::Error) -> Error {
+        use crate::storage::Error as B;
         let msg = err.to_string();
         match err {
             B::NotFound(_) => Error::NotFound(msg),
@@ -89,6 +89,29 @@ impl From<crate::host::Error> for Error {
             H::Timeout { .. } => Error::Unavailable(err.to_string()),
             H::Io { .. } | H::Command { .. } => Error::Internal(err.to_string()),
         }
+    }
+}
+
+/// The canonical upper-case name of a gRPC code, as the gRPC and CSI specs write it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -133,7 +156,7 @@ mod tests {
 
     #[test]
     fn backend_errors_keep_their_meaning() {
-        use crate::backend::Error as B;
+        use crate::storage::Error as B;
         let cases = [
             (B::NotFound("volume v".into()), Code::NotFound),
             (B::AlreadyExists("name n".into()), Code::AlreadyExists),

@@ -1,25 +1,19 @@
 //! blockcsi: a CSI v1.12 block-storage driver. See ARCHITECTURE.md for the map of modules.
+//!
+//! Layers, data flowing one way: `daemon` (process plumbing) -> `csi` (gRPC adapters) ->
+//! `controller` / `node` (the logic) -> `storage` (backends) and `host` (the kernel).
+//! `tools` (ctl, doctor, bench) sit beside the driver and use it; nothing in it uses them.
 
-pub mod authority;
-pub mod backend;
-pub mod bench;
-pub mod config;
+pub mod client;
 pub mod controller;
 pub mod csi;
-pub mod ctl;
-pub mod doctor;
+pub mod daemon;
 pub mod error;
-pub mod faults;
-pub mod guard;
-pub mod health;
 pub mod host;
-pub mod http;
-pub mod metrics;
 pub mod node;
-pub mod registration;
-pub mod server;
-pub mod signature;
-pub mod validate;
+pub mod storage;
+pub mod support;
+pub mod tools;
 
 /// The generated CSI v1 messages and services.
 pub mod pb {

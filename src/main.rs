@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use blockcsi::config::LogFormat;
+use blockcsi::daemon::config::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -20,13 +20,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve CSI over a Unix socket.
-    Serve(blockcsi::config::ServeArgs),
+    Serve(blockcsi::daemon::config::ServeArgs),
     /// Call a running driver by hand: info, volumes, snapshots.
-    Ctl(blockcsi::ctl::CtlArgs),
+    Ctl(blockcsi::tools::ctl::CtlArgs),
     /// Check that this machine can run the node plugin.
-    Doctor(blockcsi::doctor::DoctorArgs),
+    Doctor(blockcsi::tools::doctor::DoctorArgs),
     /// Measure the driver against the shell tools and write BENCHMARKS.md (as root).
-    Bench(blockcsi::bench::BenchArgs),
+    Bench(blockcsi::tools::bench::BenchArgs),
 }
 
 fn init_logs(filter: &str, format: LogFormat) -> anyhow::Result<()> {
@@ -53,17 +53,17 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let cfg = args.resolve()?;
             init_logs(&cfg.log_level, cfg.log_format)?;
-            blockcsi::server::runtime()?.block_on(blockcsi::server::serve(cfg))?;
+            blockcsi::daemon::server::runtime()?.block_on(blockcsi::daemon::server::serve(cfg))?;
             Ok(())
         }
-        Command::Ctl(args) => std::process::exit(blockcsi::ctl::main(args)),
+        Command::Ctl(args) => std::process::exit(blockcsi::tools::ctl::main(args)),
         Command::Doctor(args) => {
             init_logs("warn", LogFormat::Text)?;
-            std::process::exit(blockcsi::doctor::main(args))
+            std::process::exit(blockcsi::tools::doctor::main(args))
         }
         Command::Bench(args) => {
             init_logs("warn", LogFormat::Text)?;
-            std::process::exit(blockcsi::bench::main(args))
+            std::process::exit(blockcsi::tools::bench::main(args))
         }
     }
 }

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockcsi::faults;
 use blockcsi::pb;
+use blockcsi::support::faults;
 use common::*;
 use tokio::sync::Mutex;
 use tonic::Code;
@@ -718,13 +718,13 @@ async fn storm_of_kills_loses_nothing_and_leaks_nothing() {
 /// as; a volume that was ever mounted (`filesystem` recorded) is never formatted again.
 #[test]
 fn interrupted_format_is_redone_and_finished_one_never_is() {
-    use blockcsi::backend::filepool::FilePool;
-    use blockcsi::backend::{
-        AccessMode, AccessType, Attachment, BlockStorage, Capability, NewVolume, Node, Timestamp,
-    };
     use blockcsi::host::fake::FakeHost;
     use blockcsi::host::{Host, Probe};
     use blockcsi::node::{NodeService, StageRequest};
+    use blockcsi::storage::filepool::FilePool;
+    use blockcsi::storage::{
+        AccessMode, AccessType, Attachment, BlockStorage, Capability, NewVolume, Node, Timestamp,
+    };
 
     let cap = Capability {
         access: AccessType::Mount {

@@ -340,7 +340,7 @@ async fn names_sizes_and_capabilities() {
         "/".to_string(),
         "vol-0123456789abcdef0123456789abcdef".to_string(),
         "\u{202e}reversed".to_string(),
-        "n".repeat(blockcsi::validate::MAX_NAME_BYTES),
+        "n".repeat(blockcsi::csi::validate::MAX_NAME_BYTES),
     ];
     for name in &good_names {
         let res = ctl.create_volume(create(name, MIB, 0, cap.clone())).await;
@@ -348,7 +348,7 @@ async fn names_sizes_and_capabilities() {
             .case(&format!("create name {name:?}"), res, &[Code::Ok])
             .await;
         let id = v.unwrap().volume.unwrap().volume_id;
-        assert!(blockcsi::backend::filepool::is_volume_id(&id), "{id}");
+        assert!(blockcsi::storage::filepool::is_volume_id(&id), "{id}");
         // Idempotent under the same odd name.
         let res = ctl.create_volume(create(name, MIB, 0, cap.clone())).await;
         let again = r
@@ -363,7 +363,7 @@ async fn names_sizes_and_capabilities() {
         "new\nline".to_string(),
         "esc\u{1b}[31m".to_string(),
         "\u{9f}c1-control".to_string(),
-        "n".repeat(blockcsi::validate::MAX_NAME_BYTES + 1),
+        "n".repeat(blockcsi::csi::validate::MAX_NAME_BYTES + 1),
         "n".repeat(MIB_TEXT),
     ];
     for name in &bad_names {
@@ -516,7 +516,7 @@ async fn names_sizes_and_capabilities() {
     // Every image in the pool is named by an id, whatever the names were.
     for img in r.sb.images() {
         let id = img.strip_suffix(".img").unwrap_or(&img);
-        assert!(blockcsi::backend::filepool::is_volume_id(id), "{img}");
+        assert!(blockcsi::storage::filepool::is_volume_id(id), "{img}");
     }
     r.finish().await;
 }

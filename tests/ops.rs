@@ -124,7 +124,7 @@ async fn metrics_endpoint_serves_rpc_phase_and_pool_families() {
     if let Err(s) = unimplemented {
         let line = format!(
             "blockcsi_rpc_requests_total{{method=\"ListSnapshots\",code=\"{}\"}} 1",
-            blockcsi::metrics::code_name(s.code())
+            blockcsi::error::code_name(s.code())
         );
         assert!(body.contains(&line), "missing {line:?} in:\n{body}");
     }
@@ -201,7 +201,9 @@ impl Drop for Reap {
 /// GetInfo over a raw HTTP/2 connection whose request carries the socket path as its
 /// `:authority`, the way kubelet's plugin watcher sends it; panics unless the answer is a
 /// whole gRPC success.
-fn kubelet_style_get_info(socket: &std::path::Path) -> blockcsi::registration::pb::PluginInfo {
+fn kubelet_style_get_info(
+    socket: &std::path::Path,
+) -> blockcsi::daemon::registration::pb::PluginInfo {
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = (payload.len() as u32).to_be_bytes();
         let mut out = vec![len[1], len[2], len[3], kind, flags];
@@ -269,8 +271,8 @@ fn kubelet_style_get_info(socket: &std::path::Path) -> blockcsi::registration::p
 // requests and on the driver's exit while client connections are closed in the background.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_registers_with_kubelet_and_answers_healthz() {
-    use blockcsi::registration::pb;
-    use blockcsi::registration::pb::registration_client::RegistrationClient;
+    use blockcsi::daemon::registration::pb;
+    use blockcsi::daemon::registration::pb::registration_client::RegistrationClient;
 
     let sb = Sandbox::new();
     let port = free_port();
@@ -319,7 +321,7 @@ async fn node_registers_with_kubelet_and_answers_healthz() {
     );
 
     // What kubelet's plugin watcher does with the socket.
-    let mut reg = RegistrationClient::new(blockcsi::ctl::connect(&reg_socket).await.unwrap());
+    let mut reg = RegistrationClient::new(blockcsi::client::connect(&reg_socket).await.unwrap());
     let info = reg.get_info(pb::InfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.r#type, "CSIPlugin");
     assert_eq!(info.name, "blockcsi.dev");

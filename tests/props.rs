@@ -7,10 +7,10 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
-use blockcsi::backend::filepool::{self, GRANULARITY, MAX_SIZE};
+use blockcsi::csi::validate;
 use blockcsi::error::Error;
 use blockcsi::pb;
-use blockcsi::validate;
+use blockcsi::storage::filepool::{self, GRANULARITY, MAX_SIZE};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -270,7 +270,7 @@ fn capability() -> impl Strategy<Value = pb::VolumeCapability> {
 
 #[test]
 fn capabilities_are_checked_completely() {
-    use blockcsi::backend::{AccessMode, AccessType};
+    use blockcsi::storage::{AccessMode, AccessType};
     check("validate::capability", capability(), |cap| {
         match validate::capability(Some(&cap)) {
             Ok(c) => {
@@ -368,7 +368,7 @@ fn sizes_are_granular_inside_the_range_or_out_of_range() {
                 }
                 Err(e) => {
                     prop_assert!(!feasible, "refused a feasible range: {e}");
-                    prop_assert!(matches!(e, blockcsi::backend::Error::OutOfRange(_)));
+                    prop_assert!(matches!(e, blockcsi::storage::Error::OutOfRange(_)));
                 }
             }
             Ok(())
@@ -507,7 +507,7 @@ fn endpoints_become_absolute_socket_paths_or_errors() {
         nasty_text(6).prop_map(|s| format!("tcp://{s}")),
     ];
     check("config::socket_path", strategy, |endpoint| {
-        match blockcsi::config::socket_path(&endpoint) {
+        match blockcsi::daemon::config::socket_path(&endpoint) {
             Ok(p) => {
                 prop_assert!(p.is_absolute());
                 prop_assert!(!p.as_os_str().as_bytes().contains(&0));

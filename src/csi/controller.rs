@@ -5,12 +5,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{run, to_i64, to_u64};
-use crate::backend::{Health, NewVolume, Provisioning, Snapshot, Timestamp, Volume, VolumeSource};
 use crate::controller::{check_fits, Controller, CreateRequest, Segments};
+use crate::csi::validate;
 use crate::error::Error;
 use crate::pb;
 use crate::pb::controller_service_capability::rpc::Type as Rpc;
-use crate::validate;
+use crate::storage::{Health, NewVolume, Provisioning, Snapshot, Timestamp, Volume, VolumeSource};
 
 /// The controller RPCs this driver implements; csi-sanity runs the tests each one gates.
 const CAPABILITIES: &[Rpc] = &[

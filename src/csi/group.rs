@@ -7,17 +7,17 @@ use tonic::{Request, Response, Status};
 use super::controller::{timestamp, wire_snapshot};
 use super::run;
 use crate::controller::Controller;
+use crate::csi::validate;
 use crate::error::Error;
 use crate::pb;
-use crate::validate;
 
 pub struct GroupService {
     pub controller: Arc<Controller>,
 }
 
 fn wire_group(
-    group: &crate::backend::GroupSnapshot,
-    members: &[crate::backend::Snapshot],
+    group: &crate::storage::GroupSnapshot,
+    members: &[crate::storage::Snapshot],
 ) -> pb::VolumeGroupSnapshot {
     pb::VolumeGroupSnapshot {
         group_snapshot_id: group.id.clone(),

@@ -6,6 +6,7 @@ pub mod controller;
 pub mod group;
 pub mod identity;
 pub mod node;
+pub mod validate;
 
 use std::time::Instant;
 

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::{run, to_i64};
+use crate::csi::validate;
 use crate::node::{NodeService, PublishRequest, StageRequest, Usage};
 use crate::pb;
 use crate::pb::node_service_capability::rpc::Type as Rpc;
-use crate::validate;
 use crate::TOPOLOGY_KEY;
 
 const CAPABILITIES: &[Rpc] = &[

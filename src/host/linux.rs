@@ -25,7 +25,7 @@ use super::{
     mountinfo, AttachOptions, DevId, Error, FsStats, FsType, Host, LoopDevice, MountEntry,
     MountOptions, Probe, Result,
 };
-use crate::signature;
+use crate::host::signature;
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 

@@ -6,6 +6,7 @@ pub mod fake;
 pub mod linux;
 pub mod loopdev;
 pub mod mountinfo;
+pub mod signature;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

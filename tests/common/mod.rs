@@ -246,7 +246,7 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(socket: &Path) -> Client {
-        let channel = blockcsi::ctl::connect(socket).await.unwrap();
+        let channel = blockcsi::client::connect(socket).await.unwrap();
         Client {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),

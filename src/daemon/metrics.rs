@@ -25,7 +25,8 @@ use tonic::codegen::http;
 use tonic::Code;
 use tracing::warn;
 
-use crate::backend::BlockStorage;
+use crate::error::code_name;
+use crate::storage::BlockStorage;
 
 /// The steps of NodeStageVolume (and of node-side expansion) that are timed separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -171,29 +172,6 @@ pub fn time_phase<T>(phase: Phase, f: impl FnOnce() -> T) -> T {
     let out = f();
     observe_phase(phase, started.elapsed());
     out
-}
-
-/// The canonical upper-case name of a gRPC code, as the gRPC and CSI specs write it.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// The method label of a gRPC path. Anything that is not a plausible CSI method name collapses

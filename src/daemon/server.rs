@@ -11,19 +11,19 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info};
 
-use crate::backend::filepool::FilePool;
-use crate::backend::BlockStorage;
-use crate::config::Config;
 use crate::controller::Controller;
 use crate::csi::{
     controller::ControllerService, group::GroupService, identity::IdentityService,
     node::NodeAdapter,
 };
+use crate::daemon::config::Config;
+use crate::daemon::registration::pb::registration_server::RegistrationServer;
+use crate::daemon::registration::RegistrationService;
 use crate::host::linux::LinuxHost;
 use crate::node::NodeService;
 use crate::pb;
-use crate::registration::pb::registration_server::RegistrationServer;
-use crate::registration::RegistrationService;
+use crate::storage::filepool::FilePool;
+use crate::storage::BlockStorage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -32,7 +32,7 @@ pub enum ServeError {
     #[error("pool {path}: {source}")]
     Pool {
         path: String,
-        source: crate::backend::Error,
+        source: crate::storage::Error,
     },
     #[error("node start-up: {0}")]
     Node(crate::error::Error),
@@ -201,24 +201,24 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         node: node.clone(),
     };
     if cfg.metrics_address.is_some() {
-        crate::metrics::enable(Some(backend.clone()));
+        crate::daemon::metrics::enable(Some(backend.clone()));
     }
     let registration_socket = cfg.registration.as_ref().map(|r| r.socket.clone());
     let health = cfg.health_address.as_deref().map(|address| {
         (
             address,
-            crate::health::Health::new(cfg.socket.clone(), registration_socket),
+            crate::daemon::health::Health::new(cfg.socket.clone(), registration_socket),
         )
     });
     let mut http_servers = Vec::new();
-    for (address, routes) in crate::http::plan(cfg.metrics_address.as_deref(), health) {
-        let listener = crate::http::bind(&address, &routes)
+    for (address, routes) in crate::daemon::http::plan(cfg.metrics_address.as_deref(), health) {
+        let listener = crate::daemon::http::bind(&address, &routes)
             .await
             .map_err(|source| ServeError::Http {
                 address: address.clone(),
                 source,
             })?;
-        http_servers.push(AbortOnDrop(tokio::spawn(crate::http::serve(
+        http_servers.push(AbortOnDrop(tokio::spawn(crate::daemon::http::serve(
             listener, routes,
         ))));
     }
@@ -240,7 +240,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let mut csi = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(tower::util::option_layer(
-                crate::metrics::enabled().then_some(crate::metrics::RpcLayer),
+                crate::daemon::metrics::enabled().then_some(crate::daemon::metrics::RpcLayer),
             ))
             .add_service(pb::identity_server::IdentityServer::new(identity))
             .add_optional_service(controller.clone().map(|c| {
@@ -274,7 +274,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
                 // Kubelet's plugin watcher sends the socket path as :authority, which the
                 // HTTP/2 layer refuses; the connections go through the repair first.
                 .serve_with_incoming_shutdown(
-                    crate::authority::incoming(listener),
+                    crate::daemon::authority::incoming(listener),
                     stopped(stop.subscribe()),
                 );
             let task = tokio::spawn(async move {

@@ -27,16 +27,18 @@
 //! image. On pools whose filesystem journals metadata in order (ext4, XFS) one fsync of the
 //! record makes the whole snapshot durable; elsewhere every step is synced.
 
+pub mod copy;
+pub(crate) mod fsutil;
 mod gc;
-mod signature;
+mod health;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::copy::{self, Mode as CopyMode};
-use super::fsutil::{
+use self::copy::Mode as CopyMode;
+use self::fsutil::{
     create_atomic, hash_name, read_optional, remove_if_exists, sync_dir, write_atomic,
     write_ordered, write_then_rename, FileLock,
 };
@@ -341,9 +343,9 @@ impl FilePool {
                 return Ok(());
             }
         }
-        let mut tmp = super::fsutil::temp_path(&path);
+        let mut tmp = fsutil::temp_path(&path);
         let res = (|| {
-            let (f, t) = super::fsutil::create_temp(&path)?;
+            let (f, t) = fsutil::create_temp(&path)?;
             tmp = t;
             let method = match from {
                 Some(src) => Some(copy::copy_into(src, &f, CopyMode::Auto)?),
@@ -464,7 +466,7 @@ impl FilePool {
         group: Option<&str>,
     ) -> Result<Snapshot> {
         let image = self.snapshot_image(id);
-        let (out, tmp) = super::fsutil::create_temp(&image)
+        let (out, tmp) = fsutil::create_temp(&image)
             .map_err(|e| Error::io(format!("create {}", image.display()), e))?;
         let synced = (|| {
             let method = copy::copy_into(&self.image(&volume.id), &out, CopyMode::Auto)?;
@@ -628,7 +630,7 @@ impl BlockStorage for FilePool {
                 // Synced before its rename: an empty index would fail this name for good.
                 write_then_rename(&index_path, &to_json(&index)?)?;
                 self.sync_dir_unless_committed_later("meta/names")?;
-                crate::faults::point("create.after_index");
+                crate::support::faults::point("create.after_index");
                 id
             }
         };
@@ -669,7 +671,7 @@ impl BlockStorage for FilePool {
                 source.as_ref().map(|s| s.0.as_path()),
                 req.provisioning,
             )
-            .inspect(|()| crate::faults::point("create.after_image"))
+            .inspect(|()| crate::support::faults::point("create.after_image"))
             .and_then(|()| self.store(&volume));
         if let Err(e) = made {
             // Nothing was handed out yet: undo everything so no half volume stays behind.
@@ -678,7 +680,7 @@ impl BlockStorage for FilePool {
             let _ = remove_if_exists(&index_path);
             return Err(e);
         }
-        crate::faults::point("create.after_record");
+        crate::support::faults::point("create.after_record");
         Ok(volume)
     }
 
@@ -705,10 +707,10 @@ impl BlockStorage for FilePool {
             }
             name_lock.remove()?;
         }
-        crate::faults::point("delete.after_index");
+        crate::support::faults::point("delete.after_index");
         remove_if_exists(&self.image(id))?;
         self.sync_dir_unless_committed_later("volumes")?;
-        crate::faults::point("delete.after_image");
+        crate::support::faults::point("delete.after_image");
         remove_if_exists(&self.record(id))?;
         // The delete's one commit, of the index, image and record removals in their order.
         sync_dir(&self.root.join("meta/volumes"))?;
@@ -767,14 +769,14 @@ impl BlockStorage for FilePool {
             .attachments
             .insert(node.to_string(), attachment.clone());
         self.store(&volume)?;
-        crate::faults::point("attach.after_store");
+        crate::support::faults::point("attach.after_store");
         Ok(volume)
     }
 
     fn detach(&self, id: &str, node: &str) -> Result<()> {
         match self
             .update(id, |v| Ok(v.attachments.remove(node).is_some()))
-            .inspect(|_| crate::faults::point("detach.after_store"))
+            .inspect(|_| crate::support::faults::point("detach.after_store"))
         {
             Ok(_) | Err(Error::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
@@ -847,7 +849,7 @@ impl BlockStorage for FilePool {
     }
 
     fn health(&self, volume: &Volume) -> Health {
-        if let Some(message) = signature::lost_filesystem(&self.image(&volume.id), volume) {
+        if let Some(message) = health::lost_filesystem(&self.image(&volume.id), volume) {
             return Health {
                 abnormal: true,
                 message,
@@ -1100,7 +1102,7 @@ fn from_json<T: for<'de> Deserialize<'de>>(path: &Path, bytes: &[u8]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{AccessMode, AccessType, Capability};
+    use crate::storage::{AccessMode, AccessType, Capability};
 
     fn mount_cap(mode: AccessMode) -> Capability {
         Capability {
@@ -1355,7 +1357,7 @@ mod tests {
         // What a crash before the record's fsync can leave: an empty record beside the image,
         // and a half copy under a temporary name.
         std::fs::write(pool.snapshot_record(&s.id), b"").unwrap();
-        let half = super::super::fsutil::temp_path(&pool.snapshot_image("snap-x"));
+        let half = super::fsutil::temp_path(&pool.snapshot_image("snap-x"));
         std::fs::write(&half, b"partial").unwrap();
         assert!(matches!(pool.snapshot(&s.id), Err(Error::NotFound(_))));
         assert!(pool.snapshots().unwrap().is_empty());

@@ -6,8 +6,8 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::backend::Volume;
-use crate::signature::magic;
+use crate::host::signature::magic;
+use crate::storage::Volume;
 
 /// A message when the record says the volume holds a filesystem and the image has no trace of
 /// it; `None` when it does, when the record names none, or when the image cannot be read (the
@@ -30,7 +30,7 @@ pub fn lost_filesystem(image: &Path, volume: &Volume) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Timestamp;
+    use crate::storage::Timestamp;
 
     fn volume(fs: Option<&str>) -> Volume {
         Volume {

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use crate::backend::{AccessMode, AccessType, Capability, Provisioning};
 use crate::error::{Error, Result};
 use crate::host::MountOptions;
 use crate::pb;
+use crate::storage::{AccessMode, AccessType, Capability, Provisioning};
 
 /// Longest CSI name accepted. Kubernetes sends `pvc-<uuid>`; csi-sanity sends up to 128 bytes.
 pub const MAX_NAME_BYTES: usize = 1024;

@@ -324,7 +324,7 @@ fn registration(
             kubelet_endpoint.display()
         ));
     };
-    let kubelet_endpoint = crate::validate::path(text, "kubelet registration path")
+    let kubelet_endpoint = crate::csi::validate::path(text, "kubelet registration path")
         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
     if kubelet_endpoint.as_os_str().len() > MAX_SOCKET_PATH {
         return invalid(format!(
@@ -361,7 +361,7 @@ impl Config {
                 self.driver_name
             )));
         }
-        if self.mode.node() && !crate::backend::filepool::is_node_id(&self.node_id) {
+        if self.mode.node() && !crate::storage::filepool::is_node_id(&self.node_id) {
             return Err(ConfigError::Invalid(format!(
                 "node id {:?} must be 1-128 letters, digits, '.', '_' or '-', alphanumeric at both ends",
                 self.node_id

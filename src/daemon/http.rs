@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use crate::health::Health;
+use crate::daemon::health::Health;
 
 /// What one listener answers.
 #[derive(Debug, Default)]
@@ -134,7 +134,7 @@ async fn handle(mut stream: TcpStream, routes: &Routes) -> std::io::Result<()> {
     let send_body = method != "HEAD";
     match (method, path) {
         ("GET" | "HEAD", "/metrics") if routes.metrics => {
-            let body = tokio::task::spawn_blocking(crate::metrics::render)
+            let body = tokio::task::spawn_blocking(crate::daemon::metrics::render)
                 .await
                 .unwrap_or_default();
             respond(

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use tonic::transport::Channel;
 
-use crate::ctl::connect;
-use crate::metrics::resident_bytes_of;
+use crate::client::connect;
+use crate::daemon::metrics::resident_bytes_of;
 use crate::pb;
 use crate::pb::controller_client::ControllerClient;
 use crate::pb::identity_client::IdentityClient;
@@ -1014,7 +1014,7 @@ fn machine(dir: &Path) -> Vec<(String, String)> {
     // The magic's integer type differs between C libraries.
     #[allow(clippy::unnecessary_cast)]
     let fs = nix::sys::statfs::statfs(dir)
-        .map(|s| crate::doctor::fs_name(s.filesystem_type().0 as i64).to_string())
+        .map(|s| crate::tools::doctor::fs_name(s.filesystem_type().0 as i64).to_string())
         .unwrap_or_default();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::backend::{BlockStorage, Capability, Health, Node, Timestamp, Volume};
 use crate::controller::check_fits;
+use crate::csi::validate;
+use crate::daemon::metrics::{time_phase, Phase};
 use crate::error::{Error, Result};
-use crate::guard::OpGuards;
 use crate::host::{AttachOptions, FileId, FsStats, FsType, Host, LoopDevice, MountEntry, Probe};
-use crate::metrics::{time_phase, Phase};
-use crate::validate;
+use crate::storage::{BlockStorage, Capability, Health, Node, Timestamp, Volume};
+use crate::support::guard::OpGuards;
 
 pub struct NodeService {
     backend: Arc<dyn BlockStorage>,
@@ -167,7 +167,7 @@ impl NodeService {
             self.backend.record_block_use(&volume.id)?;
             if existing.is_none() {
                 let dev = time_phase(Phase::Attach, || self.attach(&image))?;
-                crate::faults::point("stage.after_attach");
+                crate::support::faults::point("stage.after_attach");
                 info!(volume_id = %volume.id, device = %dev.path.display(), "attached for block access");
             }
             return Ok(());
@@ -201,7 +201,7 @@ impl NodeService {
             Some(d) => d,
             None => time_phase(Phase::Attach, || self.attach(&image))?,
         };
-        crate::faults::point("stage.after_attach");
+        crate::support::faults::point("stage.after_attach");
         let res = self.format_and_mount(&volume, req, &dev);
         if res.is_err() && attached_here {
             if let Err(e) = self.host.detach_loop(&dev) {
@@ -352,26 +352,26 @@ impl NodeService {
                 info!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "formatting blank volume");
                 self.backend.record_formatting(&volume.id, fs.as_str())?;
                 time_phase(Phase::Format, || self.host.mkfs(&dev.path, fs))?;
-                crate::faults::point("stage.after_mkfs");
+                crate::support::faults::point("stage.after_mkfs");
                 self.backend.record_filesystem(&volume.id, fs.as_str())?;
                 if volume.pending_node_expansion {
                     // mkfs filled the whole (already grown) device.
                     self.backend.record_node_expanded(&volume.id)?;
                 }
-                crate::faults::point("stage.after_record_filesystem");
+                crate::support::faults::point("stage.after_record_filesystem");
                 fs
             }
         };
         let flags = match &req.capability.access {
-            crate::backend::AccessType::Mount { mount_flags, .. } => mount_flags.as_slice(),
-            crate::backend::AccessType::Block => &[],
+            crate::storage::AccessType::Mount { mount_flags, .. } => mount_flags.as_slice(),
+            crate::storage::AccessType::Block => &[],
         };
         let opts = validate::mount_options(flags, req.capability.mode.read_only())?;
         time_phase(Phase::Mount, || {
             self.host
                 .mount(&dev.path, &req.staging_path, fs.as_str(), &opts)
         })?;
-        crate::faults::point("stage.after_mount");
+        crate::support::faults::point("stage.after_mount");
         info!(volume_id = %volume.id, path = %req.staging_path.display(), fs = fs.as_str(), "staged");
         Ok(())
     }
@@ -400,7 +400,7 @@ impl NodeService {
             .unwrap_or(self.default_fs);
         warn!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "redoing a format that was interrupted");
         time_phase(Phase::Format, || self.host.redo_mkfs(&dev.path, fs))?;
-        crate::faults::point("stage.after_mkfs");
+        crate::support::faults::point("stage.after_mkfs");
         Ok(Some(fs))
     }
 
@@ -415,7 +415,7 @@ impl NodeService {
         if let Some(m) = top_mount(&mounts, staging_path) {
             if loops.iter().any(|d| d.dev == m.dev) || self.is_stale(m)? {
                 self.host.unmount(staging_path)?;
-                crate::faults::point("unstage.after_unmount");
+                crate::support::faults::point("unstage.after_unmount");
             } else {
                 return Err(Error::FailedPrecondition(format!(
                     "staging path {} holds another device ({}), not volume {volume_id}",
@@ -435,7 +435,7 @@ impl NodeService {
         }
         for dev in &loops {
             self.host.detach_loop(dev)?;
-            crate::faults::point("unstage.after_detach");
+            crate::support::faults::point("unstage.after_detach");
             info!(volume_id, device = %dev.path.display(), "detached");
         }
         Ok(())
@@ -511,7 +511,7 @@ impl NodeService {
         } else {
             ensure_dir(&req.target)?
         };
-        crate::faults::point("publish.after_target");
+        crate::support::faults::point("publish.after_target");
         let source = if block { &dev.path } else { &req.staging_path };
         if let Err(e) = self.host.bind_mount(source, &req.target, read_only) {
             if created {
@@ -519,7 +519,7 @@ impl NodeService {
             }
             return Err(e.into());
         }
-        crate::faults::point("publish.after_bind");
+        crate::support::faults::point("publish.after_bind");
         info!(volume_id = %volume.id, target = %req.target.display(), read_only, "published");
         Ok(())
     }
@@ -552,7 +552,7 @@ impl NodeService {
             }
             self.host.unmount(target)?;
             unmounted += 1;
-            crate::faults::point("unpublish.after_unmount");
+            crate::support::faults::point("unpublish.after_unmount");
         }
         remove_target(target)?;
         info!(volume_id, target = %target.display(), "unpublished");
@@ -725,9 +725,9 @@ fn remove_target(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::filepool::FilePool;
-    use crate::backend::{AccessMode, AccessType, Attachment, NewVolume};
     use crate::host::fake::FakeHost;
+    use crate::storage::filepool::FilePool;
+    use crate::storage::{AccessMode, AccessType, Attachment, NewVolume};
 
     struct Env {
         dir: tempfile::TempDir,
@@ -1089,7 +1089,7 @@ mod tests {
                 min_bytes: 0,
                 capabilities: vec![mount_cap()],
                 parameters: Default::default(),
-                source: Some(crate::backend::VolumeSource::Volume(src.clone())),
+                source: Some(crate::storage::VolumeSource::Volume(src.clone())),
                 provisioning: Default::default(),
             })
             .unwrap();

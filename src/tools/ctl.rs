@@ -9,12 +9,14 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::config::{socket_path, DEFAULT_ENDPOINT};
-use crate::metrics::code_name;
+use crate::client::connect;
+use crate::daemon::config::{socket_path, DEFAULT_ENDPOINT};
+use crate::error::code_name;
 use crate::pb;
 use crate::pb::controller_client::ControllerClient;
 use crate::pb::identity_client::IdentityClient;
 use crate::pb::node_client::NodeClient;
+use crate::tools::human_bytes;
 
 #[derive(Debug, Args)]
 pub struct CtlArgs {
@@ -246,21 +248,6 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?} must be KEY=VALUE"))
-}
-
-/// Connects to a CSI Unix socket. The URI is a placeholder: the connector ignores it.
-pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    let socket = socket.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
 }
 
 /// Why a ctl command failed.
@@ -1050,24 +1037,6 @@ async fn snapshot(c: &mut Clients, cmd: &SnapshotCommand) -> Result<Output, CtlE
                 format!("deleted {snapshot_id}"),
             )
         }
-    }
-}
-
-/// `1.0 GiB`, `512 MiB`, `4096 B`: binary units, as sizes are whole MiB in this driver.
-pub fn human_bytes(n: i64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v.abs() >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[i])
-    } else {
-        format!("{v:.1} {}", UNITS[i])
     }
 }
 

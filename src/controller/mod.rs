@@ -4,13 +4,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::backend::filepool::{is_snapshot_id, is_volume_id, round_size};
-use crate::backend::{
+use crate::error::{Error, Result};
+use crate::storage::filepool::{is_snapshot_id, is_volume_id, round_size};
+use crate::storage::{
     Attachment, BlockStorage, Capability, Capacity, GroupSnapshot, Health, NewVolume, Provisioning,
     Snapshot, Volume, VolumeSource,
 };
-use crate::error::{Error, Result};
-use crate::guard::OpGuards;
+use crate::support::guard::OpGuards;
 use crate::TOPOLOGY_KEY;
 
 /// A topology segment set, as CSI carries it.
@@ -89,7 +89,7 @@ impl Controller {
     pub fn delete_volume(&self, id: &str) -> Result<()> {
         let _guard = self.guards.acquire(id)?;
         match self.backend.delete_volume(id) {
-            Ok(()) | Err(crate::backend::Error::NotFound(_)) => Ok(()),
+            Ok(()) | Err(crate::storage::Error::NotFound(_)) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -117,7 +117,7 @@ impl Controller {
         if node.is_empty() {
             let volume = match self.backend.volume(id) {
                 Ok(v) => v,
-                Err(crate::backend::Error::NotFound(_)) => return Ok(()),
+                Err(crate::storage::Error::NotFound(_)) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
             for n in volume.attachments.keys() {
@@ -197,7 +197,7 @@ impl Controller {
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
         let _guard = self.guards.acquire(id)?;
         match self.backend.delete_snapshot(id) {
-            Ok(()) | Err(crate::backend::Error::NotFound(_)) => Ok(()),
+            Ok(()) | Err(crate::storage::Error::NotFound(_)) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -261,7 +261,7 @@ impl Controller {
         let _guard = self.guards.acquire(id)?;
         let group = match self.backend.group_snapshot(id) {
             Ok(g) => g,
-            Err(crate::backend::Error::NotFound(_)) => return Ok(()),
+            Err(crate::storage::Error::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
         if !snapshot_ids.is_empty() {
@@ -276,7 +276,7 @@ impl Controller {
             }
         }
         match self.backend.delete_group_snapshot(id) {
-            Ok(()) | Err(crate::backend::Error::NotFound(_)) => Ok(()),
+            Ok(()) | Err(crate::storage::Error::NotFound(_)) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -365,8 +365,8 @@ fn page<T>(items: impl Iterator<Item = T>, max: usize, id: fn(&T) -> &String) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::filepool::FilePool;
-    use crate::backend::{AccessMode, AccessType, Node, Timestamp};
+    use crate::storage::filepool::FilePool;
+    use crate::storage::{AccessMode, AccessType, Node, Timestamp};
 
     fn cap(block: bool) -> Capability {
         Capability {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 
-use crate::config::{socket_path, DEFAULT_ENDPOINT, DEFAULT_POOL};
+use crate::daemon::config::{socket_path, DEFAULT_ENDPOINT, DEFAULT_POOL};
 use crate::host::{loopdev, AttachOptions};
 
 #[derive(Debug, Args)]
@@ -445,8 +445,8 @@ fn free_space(pool: &Path, st: &nix::sys::statfs::Statfs) -> Check {
     let pct = (avail * 100).checked_div(total).unwrap_or(0);
     let detail = format!(
         "{} free of {} ({pct}%) in {}",
-        crate::ctl::human_bytes(avail as i64),
-        crate::ctl::human_bytes(total as i64),
+        crate::tools::human_bytes(avail as i64),
+        crate::tools::human_bytes(total as i64),
         pool.display()
     );
     const MIN: u64 = 64 << 20;

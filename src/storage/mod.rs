@@ -2,9 +2,7 @@
 //! capacity, nodes), as a trait with no knowledge of gRPC. [`filepool::FilePool`] is the embedded
 //! implementation; cloud backends implement the same trait.
 
-pub mod copy;
 pub mod filepool;
-mod fsutil;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

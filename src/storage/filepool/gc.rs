@@ -14,8 +14,10 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 use super::{is_volume_id, read_json, FilePool, NameRecord};
-use crate::backend::fsutil::{is_temp_name, remove_abandoned_temp, remove_if_exists, sync_dir};
-use crate::backend::{Error, Result};
+use crate::storage::filepool::fsutil::{
+    is_temp_name, remove_abandoned_temp, remove_if_exists, sync_dir,
+};
+use crate::storage::{Error, Result};
 
 /// What one collection removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -204,8 +206,8 @@ impl FilePool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::fsutil::{create_temp, hash_name, write_atomic};
-    use crate::backend::{AccessMode, AccessType, BlockStorage, Capability, NewVolume};
+    use crate::storage::filepool::fsutil::{create_temp, hash_name, write_atomic};
+    use crate::storage::{AccessMode, AccessType, BlockStorage, Capability, NewVolume};
 
     fn req(name: &str) -> NewVolume {
         NewVolume {

@@ -49,20 +49,22 @@ impl Health {
     }
 
     async fn probe(&self) -> Result<(), String> {
-        let channel = crate::ctl::connect(&self.csi_socket).await.map_err(|e| {
-            format!(
-                "cannot reach {}: {}",
-                self.csi_socket.display(),
-                source_chain(&e)
-            )
-        })?;
+        let channel = crate::client::connect(&self.csi_socket)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot reach {}: {}",
+                    self.csi_socket.display(),
+                    source_chain(&e)
+                )
+            })?;
         let reply = IdentityClient::new(channel)
             .probe(pb::ProbeRequest {})
             .await
             .map_err(|s| {
                 format!(
                     "Probe failed: {}: {}",
-                    crate::metrics::code_name(s.code()),
+                    crate::error::code_name(s.code()),
                     s.message()
                 )
             })?
