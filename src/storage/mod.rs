@@ -2,6 +2,7 @@
 //! capacity, nodes), as a trait with no knowledge of gRPC. [`filepool::FilePool`] is the embedded
 //! implementation; cloud backends implement the same trait.
 
+pub mod contract;
 pub mod filepool;
 
 use std::collections::BTreeMap;
