@@ -24,6 +24,8 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -40,6 +42,7 @@ impl From<Error> for Status {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Aborted(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::Unimplemented(_) => Code::Unimplemented,
             Error::Internal(_) => Code::Internal,
         };
         Status::new(code, clip(&err.to_string(), MAX_MESSAGE_BYTES))
@@ -75,6 +78,8 @@ impl From<crate::storage::Error> for Error {
             B::OutOfRange(_) => Error::OutOfRange(msg),
             B::Unavailable(_) => Error::Unavailable(msg),
             B::Conflict(_) => Error::FailedPrecondition(msg),
+            B::InvalidToken(_) => Error::Aborted(msg),
+            B::Unsupported(_) => Error::Unimplemented(msg),
             B::Io { .. } | B::Corrupt(_) => Error::Internal(msg),
         }
     }

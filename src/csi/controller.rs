@@ -4,32 +4,46 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{run, to_i64, to_u64};
+use super::{run_async, to_i64, to_u64};
 use crate::controller::{check_fits, Controller, CreateRequest, Segments};
 use crate::csi::validate;
 use crate::error::Error;
 use crate::pb;
 use crate::pb::controller_service_capability::rpc::Type as Rpc;
+use crate::storage::provider::Features;
 use crate::storage::{Health, NewVolume, Provisioning, Snapshot, Timestamp, Volume, VolumeSource};
 
-/// The controller RPCs this driver implements; csi-sanity runs the tests each one gates.
-const CAPABILITIES: &[Rpc] = &[
-    Rpc::CreateDeleteVolume,
-    Rpc::PublishUnpublishVolume,
-    Rpc::ListVolumes,
-    Rpc::ListVolumesPublishedNodes,
-    Rpc::GetCapacity,
-    Rpc::GetVolume,
-    Rpc::VolumeCondition,
-    Rpc::SingleNodeMultiWriter,
-    Rpc::PublishReadonly,
-    Rpc::CreateDeleteSnapshot,
-    Rpc::ListSnapshots,
-    Rpc::GetSnapshot,
-    Rpc::CloneVolume,
-    Rpc::ExpandVolume,
-    Rpc::ModifyVolume,
-];
+/// The controller RPCs the backend serves; csi-sanity runs the tests each one gates.
+pub(crate) fn capabilities(f: Features) -> Vec<Rpc> {
+    let mut caps = vec![Rpc::CreateDeleteVolume, Rpc::SingleNodeMultiWriter];
+    let optional = [
+        (f.publish, Rpc::PublishUnpublishVolume),
+        (f.publish, Rpc::PublishReadonly),
+        (f.list_volumes, Rpc::ListVolumes),
+        (f.list_volumes && f.publish, Rpc::ListVolumesPublishedNodes),
+        (f.capacity, Rpc::GetCapacity),
+        (f.get_volume, Rpc::GetVolume),
+        (f.get_volume, Rpc::VolumeCondition),
+        (f.snapshots, Rpc::CreateDeleteSnapshot),
+        (f.list_snapshots, Rpc::ListSnapshots),
+        (f.snapshots, Rpc::GetSnapshot),
+        (f.clone, Rpc::CloneVolume),
+        (f.expand, Rpc::ExpandVolume),
+        (f.modify, Rpc::ModifyVolume),
+    ];
+    caps.extend(
+        optional
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, rpc)| rpc),
+    );
+    caps
+}
+
+/// An optional RPC the backend does not serve.
+fn unsupported(what: &str) -> Error {
+    Error::Unimplemented(format!("{what} is not supported by this backend"))
+}
 
 pub struct ControllerService {
     pub controller: Arc<Controller>,
@@ -95,9 +109,13 @@ fn wire_volume(c: &Controller, v: &Volume) -> pb::Volume {
         volume_id: v.id.clone(),
         volume_context: Default::default(),
         content_source: v.source.as_ref().map(content_source),
-        accessible_topology: vec![pb::Topology {
-            segments: c.topology().into_iter().collect(),
-        }],
+        accessible_topology: c
+            .topology_of(v)
+            .into_iter()
+            .map(|segments| pb::Topology {
+                segments: segments.into_iter().collect(),
+            })
+            .collect(),
     }
 }
 
@@ -116,7 +134,7 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let r = req.into_inner();
         let c = self.controller.clone();
-        run("CreateVolume", "", move || {
+        run_async("CreateVolume", "", async move {
             let name = validate::name(&r.name)?.to_string();
             let capabilities = validate::capabilities(&r.volume_capabilities)?;
             let source = source_of(r.volume_content_source.as_ref())?;
@@ -131,20 +149,22 @@ impl pb::controller_server::Controller for ControllerService {
                 })
                 .unwrap_or_default();
             let reqs = r.accessibility_requirements.unwrap_or_default();
-            let volume = c.create_volume(CreateRequest {
-                volume: NewVolume {
-                    name,
-                    required_bytes: to_u64(range.required_bytes, "required_bytes")?,
-                    limit_bytes: to_u64(range.limit_bytes, "limit_bytes")?,
-                    min_bytes: 0,
-                    capabilities,
-                    parameters,
-                    source,
-                    provisioning,
-                },
-                requisite: reqs.requisite.iter().map(topology).collect(),
-                preferred: reqs.preferred.iter().map(topology).collect(),
-            })?;
+            let volume = c
+                .create_volume(CreateRequest {
+                    volume: NewVolume {
+                        name,
+                        required_bytes: to_u64(range.required_bytes, "required_bytes")?,
+                        limit_bytes: to_u64(range.limit_bytes, "limit_bytes")?,
+                        min_bytes: 0,
+                        capabilities,
+                        parameters,
+                        source,
+                        provisioning,
+                    },
+                    requisite: reqs.requisite.iter().map(topology).collect(),
+                    preferred: reqs.preferred.iter().map(topology).collect(),
+                })
+                .await?;
             Ok(pb::CreateVolumeResponse {
                 volume: Some(wire_volume(&c, &volume)),
             })
@@ -159,9 +179,9 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let c = self.controller.clone();
         let id = r.volume_id.clone();
-        run("DeleteVolume", &id, move || {
+        run_async("DeleteVolume", &id, async move {
             validate::required(&r.volume_id, "volume_id")?;
-            c.delete_volume(&r.volume_id)?;
+            c.delete_volume(&r.volume_id).await?;
             Ok(pb::DeleteVolumeResponse {})
         })
         .await
@@ -174,13 +194,16 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let c = self.controller.clone();
         let id = r.volume_id.clone();
-        run("ControllerPublishVolume", &id, move || {
+        run_async("ControllerPublishVolume", &id, async move {
             validate::required(&r.volume_id, "volume_id")?;
             validate::required(&r.node_id, "node_id")?;
             let cap = validate::capability(r.volume_capability.as_ref())?;
-            c.publish(&r.volume_id, &r.node_id, cap, r.readonly)?;
+            if !c.features().publish {
+                return Err(unsupported("ControllerPublishVolume"));
+            }
+            let context = c.publish(&r.volume_id, &r.node_id, cap, r.readonly).await?;
             Ok(pb::ControllerPublishVolumeResponse {
-                publish_context: Default::default(),
+                publish_context: context.to_map(),
             })
         })
         .await
@@ -193,9 +216,9 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let c = self.controller.clone();
         let id = r.volume_id.clone();
-        run("ControllerUnpublishVolume", &id, move || {
+        run_async("ControllerUnpublishVolume", &id, async move {
             validate::required(&r.volume_id, "volume_id")?;
-            c.unpublish(&r.volume_id, &r.node_id)?;
+            c.unpublish(&r.volume_id, &r.node_id).await?;
             Ok(pb::ControllerUnpublishVolumeResponse {})
         })
         .await
@@ -208,14 +231,14 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let c = self.controller.clone();
         let id = r.volume_id.clone();
-        run("ValidateVolumeCapabilities", &id, move || {
+        run_async("ValidateVolumeCapabilities", &id, async move {
             validate::required(&r.volume_id, "volume_id")?;
             if r.volume_capabilities.is_empty() {
                 return Err(Error::InvalidArgument(
                     "volume_capabilities is required".into(),
                 ));
             }
-            let (volume, _) = c.volume(&r.volume_id)?;
+            let (volume, _) = c.volume(&r.volume_id).await?;
             // A capability we cannot parse or serve is simply not confirmed.
             let ok = validate::capabilities(&r.volume_capabilities)
                 .is_ok_and(|caps| caps.iter().all(|cap| check_fits(&volume, cap).is_ok()));
@@ -247,10 +270,13 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let r = req.into_inner();
         let c = self.controller.clone();
-        run("ListVolumes", "", move || {
+        run_async("ListVolumes", "", async move {
             let max = usize::try_from(r.max_entries)
                 .map_err(|_| Error::InvalidArgument("max_entries must not be negative".into()))?;
-            let page = c.list_volumes(max, &r.starting_token)?;
+            if !c.features().list_volumes {
+                return Err(unsupported("ListVolumes"));
+            }
+            let page = c.list_volumes(max, &r.starting_token).await?;
             let entries = page
                 .entries
                 .iter()
@@ -276,7 +302,7 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::GetCapacityResponse>, Status> {
         let r = req.into_inner();
         let c = self.controller.clone();
-        run("GetCapacity", "", move || {
+        run_async("GetCapacity", "", async move {
             validate::capabilities(&r.volume_capabilities).or_else(|e| {
                 // Capabilities are optional here; only present ones are checked.
                 if r.volume_capabilities.is_empty() {
@@ -287,7 +313,10 @@ impl pb::controller_server::Controller for ControllerService {
             })?;
             validate::create_parameters(&r.parameters)?;
             let topo = r.accessible_topology.as_ref().map(topology);
-            let cap = c.capacity(topo.as_ref())?;
+            if !c.features().capacity {
+                return Err(unsupported("GetCapacity"));
+            }
+            let cap = c.capacity(topo.as_ref()).await?;
             Ok(pb::GetCapacityResponse {
                 available_capacity: to_i64(cap.available_bytes),
                 maximum_volume_size: Some(to_i64(cap.max_volume_bytes)),
@@ -301,11 +330,11 @@ impl pb::controller_server::Controller for ControllerService {
         &self,
         _req: Request<pb::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<pb::ControllerGetCapabilitiesResponse>, Status> {
-        let capabilities = CAPABILITIES
-            .iter()
+        let capabilities = capabilities(self.controller.features())
+            .into_iter()
             .map(|t| pb::ControllerServiceCapability {
                 r#type: Some(pb::controller_service_capability::Type::Rpc(
-                    pb::controller_service_capability::Rpc { r#type: *t as i32 },
+                    pb::controller_service_capability::Rpc { r#type: t as i32 },
                 )),
             })
             .collect();
@@ -322,9 +351,9 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let c = self.controller.clone();
         let id = r.volume_id.clone();
-        run("ControllerGetVolume", &id, move || {
+        run_async("ControllerGetVolume", &id, async move {
             validate::required(&r.volume_id, "volume_id")?;
-            let (v, h) = c.volume(&r.volume_id)?;
+            let (v, h) = c.volume(&r.volume_id).await?;
             Ok(pb::ControllerGetVolumeResponse {
                 volume: Some(wire_volume(&c, &v)),
                 status: Some(pb::controller_get_volume_response::VolumeStatus {
@@ -343,7 +372,7 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let c = self.controller.clone();
         let id = r.source_volume_id.clone();
-        run("CreateSnapshot", &id, move || {
+        run_async("CreateSnapshot", &id, async move {
             let name = validate::name(&r.name)?;
             validate::required(&r.source_volume_id, "source_volume_id")?;
             let mut unknown: Vec<&String> = r
@@ -357,7 +386,7 @@ impl pb::controller_server::Controller for ControllerService {
                     "unknown snapshot parameters: {unknown:?}"
                 )));
             }
-            let snap = c.create_snapshot(name, &r.source_volume_id)?;
+            let snap = c.create_snapshot(name, &r.source_volume_id).await?;
             Ok(pb::CreateSnapshotResponse {
                 snapshot: Some(wire_snapshot(&snap)),
             })
@@ -371,9 +400,9 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let r = req.into_inner();
         let c = self.controller.clone();
-        run("DeleteSnapshot", "", move || {
+        run_async("DeleteSnapshot", "", async move {
             validate::required(&r.snapshot_id, "snapshot_id")?;
-            c.delete_snapshot(&r.snapshot_id)?;
+            c.delete_snapshot(&r.snapshot_id).await?;
             Ok(pb::DeleteSnapshotResponse {})
         })
         .await
@@ -385,19 +414,24 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         let r = req.into_inner();
         let c = self.controller.clone();
-        run("ListSnapshots", "", move || {
+        run_async("ListSnapshots", "", async move {
             let max = usize::try_from(r.max_entries)
                 .map_err(|_| Error::InvalidArgument("max_entries must not be negative".into()))?;
-            let (snaps, next_token) =
-                c.list_snapshots(max, &r.starting_token, &r.snapshot_id, &r.source_volume_id)?;
+            if !c.features().list_snapshots {
+                return Err(unsupported("ListSnapshots"));
+            }
+            let page = c
+                .list_snapshots(max, &r.starting_token, &r.snapshot_id, &r.source_volume_id)
+                .await?;
             Ok(pb::ListSnapshotsResponse {
-                entries: snaps
+                entries: page
+                    .entries
                     .iter()
                     .map(|s| pb::list_snapshots_response::Entry {
                         snapshot: Some(wire_snapshot(s)),
                     })
                     .collect(),
-                next_token,
+                next_token: page.next_token,
             })
         })
         .await
@@ -409,9 +443,9 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
         let r = req.into_inner();
         let c = self.controller.clone();
-        run("GetSnapshot", "", move || {
+        run_async("GetSnapshot", "", async move {
             validate::required(&r.snapshot_id, "snapshot_id")?;
-            let snap = c.snapshot(&r.snapshot_id)?;
+            let snap = c.snapshot(&r.snapshot_id).await?;
             Ok(pb::GetSnapshotResponse {
                 snapshot: Some(wire_snapshot(&snap)),
             })
@@ -426,7 +460,7 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let c = self.controller.clone();
         let id = r.volume_id.clone();
-        run("ControllerExpandVolume", &id, move || {
+        run_async("ControllerExpandVolume", &id, async move {
             validate::required(&r.volume_id, "volume_id")?;
             let range = r
                 .capacity_range
@@ -434,11 +468,13 @@ impl pb::controller_server::Controller for ControllerService {
             if let Some(cap) = r.volume_capability.as_ref() {
                 validate::capability(Some(cap))?;
             }
-            let (v, node_expansion_required) = c.expand(
-                &r.volume_id,
-                to_u64(range.required_bytes, "required_bytes")?,
-                to_u64(range.limit_bytes, "limit_bytes")?,
-            )?;
+            let (v, node_expansion_required) = c
+                .expand(
+                    &r.volume_id,
+                    to_u64(range.required_bytes, "required_bytes")?,
+                    to_u64(range.limit_bytes, "limit_bytes")?,
+                )
+                .await?;
             Ok(pb::ControllerExpandVolumeResponse {
                 capacity_bytes: to_i64(v.capacity_bytes),
                 node_expansion_required,
@@ -454,10 +490,10 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let c = self.controller.clone();
         let id = r.volume_id.clone();
-        run("ControllerModifyVolume", &id, move || {
+        run_async("ControllerModifyVolume", &id, async move {
             validate::required(&r.volume_id, "volume_id")?;
             let provisioning = validate::mutable_parameters(&r.mutable_parameters)?;
-            c.modify(&r.volume_id, provisioning)?;
+            c.modify(&r.volume_id, provisioning).await?;
             Ok(pb::ControllerModifyVolumeResponse {})
         })
         .await

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::controller::{timestamp, wire_snapshot};
-use super::run;
+use super::run_async;
 use crate::controller::Controller;
 use crate::csi::validate;
 use crate::error::Error;
@@ -52,7 +52,7 @@ impl pb::group_controller_server::GroupController for GroupService {
     ) -> Result<Response<pb::CreateVolumeGroupSnapshotResponse>, Status> {
         let r = req.into_inner();
         let c = self.controller.clone();
-        run("CreateVolumeGroupSnapshot", "", move || {
+        run_async("CreateVolumeGroupSnapshot", "", async move {
             let name = validate::name(&r.name)?;
             if r.source_volume_ids.is_empty() {
                 return Err(Error::InvalidArgument(
@@ -62,8 +62,8 @@ impl pb::group_controller_server::GroupController for GroupService {
             for v in &r.source_volume_ids {
                 validate::required(v, "source_volume_ids[]")?;
             }
-            let group = c.create_group_snapshot(name, &r.source_volume_ids)?;
-            let (group, members) = c.group_snapshot(&group.id)?;
+            let group = c.create_group_snapshot(name, &r.source_volume_ids).await?;
+            let (group, members) = c.group_snapshot(&group.id).await?;
             Ok(pb::CreateVolumeGroupSnapshotResponse {
                 group_snapshot: Some(wire_group(&group, &members)),
             })
@@ -77,9 +77,10 @@ impl pb::group_controller_server::GroupController for GroupService {
     ) -> Result<Response<pb::DeleteVolumeGroupSnapshotResponse>, Status> {
         let r = req.into_inner();
         let c = self.controller.clone();
-        run("DeleteVolumeGroupSnapshot", "", move || {
+        run_async("DeleteVolumeGroupSnapshot", "", async move {
             validate::required(&r.group_snapshot_id, "group_snapshot_id")?;
-            c.delete_group_snapshot(&r.group_snapshot_id, &r.snapshot_ids)?;
+            c.delete_group_snapshot(&r.group_snapshot_id, &r.snapshot_ids)
+                .await?;
             Ok(pb::DeleteVolumeGroupSnapshotResponse {})
         })
         .await
@@ -91,9 +92,9 @@ impl pb::group_controller_server::GroupController for GroupService {
     ) -> Result<Response<pb::GetVolumeGroupSnapshotResponse>, Status> {
         let r = req.into_inner();
         let c = self.controller.clone();
-        run("GetVolumeGroupSnapshot", "", move || {
+        run_async("GetVolumeGroupSnapshot", "", async move {
             validate::required(&r.group_snapshot_id, "group_snapshot_id")?;
-            let (group, members) = c.group_snapshot(&r.group_snapshot_id)?;
+            let (group, members) = c.group_snapshot(&r.group_snapshot_id).await?;
             Ok(pb::GetVolumeGroupSnapshotResponse {
                 group_snapshot: Some(wire_group(&group, &members)),
             })

@@ -11,6 +11,9 @@ use crate::pb::plugin_capability::service::Type as ServiceType;
 pub struct IdentityService {
     pub driver_name: String,
     pub controller: Option<Arc<crate::controller::Controller>>,
+    /// What the backend serves: the plugin's capabilities in every mode (a node-mode process
+    /// belongs to a plugin whose controller runs elsewhere).
+    pub features: crate::storage::provider::Features,
     pub node: Option<Arc<crate::node::NodeService>>,
 }
 
@@ -23,11 +26,11 @@ fn service(t: ServiceType) -> pb::PluginCapability {
 }
 
 impl IdentityService {
-    fn check(&self) -> crate::error::Result<()> {
+    async fn check(&self) -> crate::error::Result<()> {
         if let Some(c) = &self.controller {
-            c.backend()
-                .capacity()
-                .map_err(|e| Error::FailedPrecondition(format!("pool is not usable: {e}")))?;
+            c.ready()
+                .await
+                .map_err(|e| Error::FailedPrecondition(format!("storage is not usable: {e}")))?;
         }
         if let Some(n) = &self.node {
             n.host()
@@ -67,13 +70,18 @@ impl pb::identity_server::Identity for IdentityService {
                 pb::plugin_capability::VolumeExpansion { r#type: t as i32 },
             )),
         };
-        let capabilities = vec![
-            service(ServiceType::ControllerService),
-            service(ServiceType::VolumeAccessibilityConstraints),
-            service(ServiceType::GroupControllerService),
-            expansion(Expansion::Online),
-            expansion(Expansion::Offline),
-        ];
+        let f = self.features;
+        let mut capabilities = vec![service(ServiceType::ControllerService)];
+        if f.topology {
+            capabilities.push(service(ServiceType::VolumeAccessibilityConstraints));
+        }
+        if f.group_snapshots {
+            capabilities.push(service(ServiceType::GroupControllerService));
+        }
+        if f.expand {
+            capabilities.push(expansion(Expansion::Online));
+            capabilities.push(expansion(Expansion::Offline));
+        }
         super::quick(
             "GetPluginCapabilities",
             Ok(pb::GetPluginCapabilitiesResponse { capabilities }),
@@ -87,6 +95,7 @@ impl pb::identity_server::Identity for IdentityService {
         super::quick(
             "Probe",
             self.check()
+                .await
                 .map(|()| pb::ProbeResponse { ready: Some(true) }),
         )
     }

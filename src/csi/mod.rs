@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 
-/// Runs blocking domain work for one RPC and logs the outcome.
+/// Runs blocking domain work for one RPC on the blocking pool and logs the outcome.
 pub(crate) async fn run<T, F>(
     method: &'static str,
     volume_id: &str,
@@ -25,12 +25,28 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
+    run_async(method, volume_id, async move {
+        match tokio::task::spawn_blocking(work).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Internal(format!("{method} worker failed: {e}"))),
+        }
+    })
+    .await
+}
+
+/// Runs async domain work for one RPC and logs the outcome. If the caller goes away the
+/// future is dropped with it: async work stops at its next await.
+pub(crate) async fn run_async<T, F>(
+    method: &'static str,
+    volume_id: &str,
+    work: F,
+) -> std::result::Result<Response<T>, Status>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
     let started = Instant::now();
     let volume_id = &*crate::error::clip(volume_id, 128); // a hostile id must not flood the log
-    let res = match tokio::task::spawn_blocking(work).await {
-        Ok(r) => r,
-        Err(e) => Err(Error::Internal(format!("{method} worker failed: {e}"))),
-    };
+    let res = work.await;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     match res {
         Ok(reply) => {

@@ -22,6 +22,7 @@ use crate::daemon::registration::RegistrationService;
 use crate::host::linux::LinuxHost;
 use crate::node::NodeService;
 use crate::pb;
+use crate::storage::filepool::provider::FilePoolProvider;
 use crate::storage::filepool::FilePool;
 use crate::storage::BlockStorage;
 
@@ -169,12 +170,14 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         }
     }
     let pool_id = pool.pool_id().to_string();
-    let backend: Arc<dyn BlockStorage> = Arc::new(pool);
+    let pool = Arc::new(pool);
+    let backend: Arc<dyn BlockStorage> = pool.clone();
 
-    let controller = cfg
-        .mode
-        .controller()
-        .then(|| Arc::new(Controller::new(backend.clone())));
+    let controller = cfg.mode.controller().then(|| {
+        Arc::new(Controller::new(Arc::new(FilePoolProvider::new(
+            pool.clone(),
+        ))))
+    });
     let node = if cfg.mode.node() {
         let svc = Arc::new(NodeService::new(
             backend.clone(),
@@ -198,6 +201,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     let identity = IdentityService {
         driver_name: cfg.driver_name.clone(),
         controller: controller.clone(),
+        features: crate::storage::filepool::provider::FEATURES,
         node: node.clone(),
     };
     if cfg.metrics_address.is_some() {

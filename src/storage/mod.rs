@@ -4,6 +4,7 @@
 
 pub mod contract;
 pub mod filepool;
+pub mod provider;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -265,6 +266,12 @@ pub enum Error {
     /// The request contradicts the state (for example a single-node volume on a second node).
     #[error("{0}")]
     Conflict(String),
+    /// A listing token this backend did not issue.
+    #[error("{0}")]
+    InvalidToken(String),
+    /// An optional part of the API this backend does not serve.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("corrupt pool metadata: {0}")]
     Corrupt(String),
     #[error("{context}: {source}")]

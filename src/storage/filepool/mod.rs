@@ -31,6 +31,7 @@ pub mod copy;
 pub(crate) mod fsutil;
 mod gc;
 mod health;
+pub mod provider;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -287,6 +288,32 @@ impl FilePool {
 
     /// The ids of the records (`<id>.json`) in a metadata directory, ordered; temp files and
     /// other names are skipped.
+    /// Every volume id with a record, sorted: one readdir, no record read.
+    pub fn volume_ids(&self) -> Result<Vec<String>> {
+        self.record_ids("meta/volumes", is_volume_id)
+    }
+
+    /// Every snapshot id with a record, sorted: one readdir, no record read.
+    pub fn snapshot_ids(&self) -> Result<Vec<String>> {
+        self.record_ids("meta/snapshots", is_snapshot_id)
+    }
+
+    /// The volume with this id, or `None` when it is gone (deleted since it was listed).
+    pub fn volume_if_any(&self, id: &str) -> Result<Option<Volume>> {
+        if !is_volume_id(id) {
+            return Ok(None);
+        }
+        self.load(id)
+    }
+
+    /// The snapshot with this id, or `None` when it is gone.
+    pub fn snapshot_if_any(&self, id: &str) -> Result<Option<Snapshot>> {
+        if !is_snapshot_id(id) {
+            return Ok(None);
+        }
+        Ok(self.load_snapshot(id)?.map(|r| r.snapshot))
+    }
+
     fn record_ids(&self, sub: &str, valid: fn(&str) -> bool) -> Result<Vec<String>> {
         let dir = self.root.join(sub);
         let entries =
