@@ -22,6 +22,8 @@ use crate::daemon::registration::RegistrationService;
 use crate::host::linux::LinuxHost;
 use crate::node::NodeService;
 use crate::pb;
+use crate::storage::filepool::devices::PoolDevices;
+use crate::storage::filepool::ledger::PoolLedger;
 use crate::storage::filepool::FilePool;
 use crate::storage::BlockStorage;
 
@@ -169,20 +171,27 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         }
     }
     let pool_id = pool.pool_id().to_string();
-    let backend: Arc<dyn BlockStorage> = Arc::new(pool);
+    let pool = Arc::new(pool);
+    let backend: Arc<dyn BlockStorage> = pool.clone();
 
     let controller = cfg
         .mode
         .controller()
         .then(|| Arc::new(Controller::new(backend.clone())));
     let node = if cfg.mode.node() {
-        let svc = Arc::new(NodeService::new(
-            backend.clone(),
-            Arc::new(LinuxHost::with_max_concurrent_formats(
-                cfg.max_concurrent_formats,
-            )),
+        let host: Arc<dyn crate::host::Host> = Arc::new(LinuxHost::with_max_concurrent_formats(
+            cfg.max_concurrent_formats,
+        ));
+        let devices = Arc::new(PoolDevices::new(
+            pool.clone(),
+            host.clone(),
             cfg.node_id.clone(),
             cfg.max_volumes_per_node,
+        ));
+        let svc = Arc::new(NodeService::new(
+            devices,
+            Arc::new(PoolLedger::new(pool.clone())),
+            host,
             cfg.default_fs_type,
         ));
         let starting = svc.clone();

@@ -28,9 +28,11 @@
 //! record makes the whole snapshot durable; elsewhere every step is synced.
 
 pub mod copy;
+pub mod devices;
 pub(crate) mod fsutil;
 mod gc;
 mod health;
+pub mod ledger;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
