@@ -721,9 +721,11 @@ fn interrupted_format_is_redone_and_finished_one_never_is() {
     use blockcsi::host::fake::FakeHost;
     use blockcsi::host::{Host, Probe};
     use blockcsi::node::{NodeService, StageRequest};
+    use blockcsi::storage::filepool::devices::PoolDevices;
+    use blockcsi::storage::filepool::ledger::PoolLedger;
     use blockcsi::storage::filepool::FilePool;
     use blockcsi::storage::{
-        AccessMode, AccessType, Attachment, BlockStorage, Capability, NewVolume, Node, Timestamp,
+        AccessMode, AccessType, Attachment, BlockStorage, Capability, NewVolume,
     };
 
     let cap = Capability {
@@ -756,20 +758,16 @@ fn interrupted_format_is_redone_and_finished_one_never_is() {
     for (what, probe, recorded, redo) in cases {
         let dir = tempfile::tempdir().unwrap();
         let pool = Arc::new(FilePool::open(&dir.path().join("pool")).unwrap());
-        pool.register_node(&Node {
-            id: "n1".into(),
-            max_volumes: 0,
-            registered: Timestamp::now(),
-        })
-        .unwrap();
         let host = Arc::new(FakeHost::new());
+        let devices = Arc::new(PoolDevices::new(pool.clone(), host.clone(), "n1".into(), 0));
         let node = NodeService::new(
-            pool.clone(),
+            devices,
+            Arc::new(PoolLedger::new(pool.clone())),
             host.clone(),
-            "n1".into(),
-            0,
             blockcsi::host::FsType::Ext4,
         );
+        // Registers the node in the pool, as the driver does at start-up.
+        node.start().unwrap();
         let v = pool
             .create_volume(&NewVolume {
                 name: "v".into(),
@@ -806,6 +804,7 @@ fn interrupted_format_is_redone_and_finished_one_never_is() {
             volume_id: v.id.clone(),
             staging_path: staging,
             capability: cap.clone(),
+            context: None,
         });
         assert_eq!(res.is_ok(), redo, "{what}: {res:?}");
         assert_eq!(host.count("mkfs"), usize::from(redo), "{what}");

@@ -9,7 +9,7 @@ use crate::csi::validate;
 use crate::node::{NodeService, PublishRequest, StageRequest, Usage};
 use crate::pb;
 use crate::pb::node_service_capability::rpc::Type as Rpc;
-use crate::TOPOLOGY_KEY;
+use crate::storage::contract::{ContextError, PublishContext};
 
 const CAPABILITIES: &[Rpc] = &[
     Rpc::StageUnstageVolume,
@@ -32,6 +32,17 @@ fn usage(unit: pb::volume_usage::Unit, total: u64, available: u64, used: u64) ->
     }
 }
 
+/// The publish context of a node request: a layout this node does not know is a precondition
+/// (upgrade the node), a malformed key a bad argument.
+fn publish_context(
+    m: &std::collections::HashMap<String, String>,
+) -> crate::error::Result<Option<PublishContext>> {
+    PublishContext::parse(m).map_err(|e| match e {
+        ContextError::Version(_) => crate::error::Error::FailedPrecondition(e.to_string()),
+        ContextError::Invalid { .. } => crate::error::Error::InvalidArgument(e.to_string()),
+    })
+}
+
 #[tonic::async_trait]
 impl pb::node_server::Node for NodeAdapter {
     async fn node_stage_volume(
@@ -45,10 +56,12 @@ impl pb::node_server::Node for NodeAdapter {
             validate::required(&r.volume_id, "volume_id")?;
             let staging_path = validate::path(&r.staging_target_path, "staging_target_path")?;
             let capability = validate::capability(r.volume_capability.as_ref())?;
+            let context = publish_context(&r.publish_context)?;
             n.stage(&StageRequest {
                 volume_id: r.volume_id,
                 staging_path,
                 capability,
+                context,
             })?;
             Ok(pb::NodeStageVolumeResponse {})
         })
@@ -83,12 +96,14 @@ impl pb::node_server::Node for NodeAdapter {
             let target = validate::path(&r.target_path, "target_path")?;
             let capability = validate::capability(r.volume_capability.as_ref())?;
             let staging_path = validate::path(&r.staging_target_path, "staging_target_path")?;
+            let context = publish_context(&r.publish_context)?;
             n.publish(&PublishRequest {
                 volume_id: r.volume_id,
                 staging_path,
                 target,
                 capability,
                 read_only: r.readonly,
+                context,
             })?;
             Ok(pb::NodePublishVolumeResponse {})
         })
@@ -188,15 +203,14 @@ impl pb::node_server::Node for NodeAdapter {
         &self,
         _req: Request<pb::NodeGetInfoRequest>,
     ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
+        let info = self.node.info();
         super::quick(
             "NodeGetInfo",
             Ok(pb::NodeGetInfoResponse {
-                node_id: self.node.node_id().to_string(),
-                max_volumes_per_node: to_i64(self.node.max_volumes()),
+                node_id: info.id.clone(),
+                max_volumes_per_node: to_i64(info.max_volumes),
                 accessible_topology: Some(pb::Topology {
-                    segments: [(TOPOLOGY_KEY.to_string(), self.node.pool_id().to_string())]
-                        .into_iter()
-                        .collect(),
+                    segments: info.segments.clone().into_iter().collect(),
                 }),
             }),
         )

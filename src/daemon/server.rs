@@ -23,6 +23,8 @@ use crate::host::linux::LinuxHost;
 use crate::node::NodeService;
 use crate::pb;
 use crate::storage::filepool::provider::FilePoolProvider;
+use crate::storage::filepool::devices::PoolDevices;
+use crate::storage::filepool::ledger::PoolLedger;
 use crate::storage::filepool::FilePool;
 use crate::storage::BlockStorage;
 
@@ -179,13 +181,19 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         ))))
     });
     let node = if cfg.mode.node() {
-        let svc = Arc::new(NodeService::new(
-            backend.clone(),
-            Arc::new(LinuxHost::with_max_concurrent_formats(
-                cfg.max_concurrent_formats,
-            )),
+        let host: Arc<dyn crate::host::Host> = Arc::new(LinuxHost::with_max_concurrent_formats(
+            cfg.max_concurrent_formats,
+        ));
+        let devices = Arc::new(PoolDevices::new(
+            pool.clone(),
+            host.clone(),
             cfg.node_id.clone(),
             cfg.max_volumes_per_node,
+        ));
+        let svc = Arc::new(NodeService::new(
+            devices,
+            Arc::new(PoolLedger::new(pool.clone())),
+            host,
             cfg.default_fs_type,
         ));
         let starting = svc.clone();

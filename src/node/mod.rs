@@ -1,26 +1,35 @@
-//! Node logic: staging (loop attach, fail-closed format, mount), publishing (bind mounts), stats.
+//! Node logic: staging (attach, fail-closed format, mount), publishing (bind mounts), stats.
 //! Nothing is remembered in memory between calls: every call reads the truth from the kernel
-//! (`/proc/self/mountinfo`, sysfs) and the pool, so a restarted process, or a machine that lost all
-//! its loop devices and mounts, is handled by the same code as the first call.
+//! (`/proc/self/mountinfo`, sysfs), the device source and the ledger, so a restarted process,
+//! or a machine that lost all its devices and mounts, is handled by the same code as the first
+//! call. The node never calls the controller's storage API: it learns about a volume from the
+//! request and its publish context, its [`device::DeviceSource`] and its [`ledger::Ledger`].
+
+pub mod device;
+pub mod format;
+pub mod ledger;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::controller::check_fits;
+use self::device::{Admitted, Device, DeviceSource, NodeInfo, VolumeRef};
+use self::format::{Decision, Past, Seen};
+use self::ledger::{Ledger, Memory};
 use crate::csi::validate;
 use crate::daemon::metrics::{time_phase, Phase};
 use crate::error::{Error, Result};
-use crate::host::{AttachOptions, FileId, FsStats, FsType, Host, LoopDevice, MountEntry, Probe};
-use crate::storage::{BlockStorage, Capability, Health, Node, Timestamp, Volume};
+use crate::host::{FsStats, FsType, Host, MountEntry, Probe};
+use crate::storage::contract::PublishContext;
+use crate::storage::{AccessType, Capability, Health};
+use crate::support::faults::point as fault_point;
 use crate::support::guard::OpGuards;
 
 pub struct NodeService {
-    backend: Arc<dyn BlockStorage>,
+    devices: Arc<dyn DeviceSource>,
+    ledger: Arc<dyn Ledger>,
     host: Arc<dyn Host>,
-    node_id: String,
-    max_volumes: u64,
     default_fs: FsType,
     guards: OpGuards,
 }
@@ -29,6 +38,8 @@ pub struct StageRequest {
     pub volume_id: String,
     pub staging_path: PathBuf,
     pub capability: Capability,
+    /// The publish context ControllerPublishVolume returned; `None` when the request had none.
+    pub context: Option<PublishContext>,
 }
 
 pub struct PublishRequest {
@@ -37,6 +48,7 @@ pub struct PublishRequest {
     pub target: PathBuf,
     pub capability: Capability,
     pub read_only: bool,
+    pub context: Option<PublishContext>,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -45,377 +57,265 @@ pub enum Usage {
     Block { total_bytes: u64 },
 }
 
+/// What a staging path holds before stage touches it.
+enum StagingPath {
+    /// Nothing, or a stale mount that was removed: stage goes on.
+    Free,
+    /// This volume, staged as asked: stage is done.
+    Staged,
+}
+
 impl NodeService {
     pub fn new(
-        backend: Arc<dyn BlockStorage>,
+        devices: Arc<dyn DeviceSource>,
+        ledger: Arc<dyn Ledger>,
         host: Arc<dyn Host>,
-        node_id: String,
-        max_volumes: u64,
         default_fs: FsType,
     ) -> NodeService {
         NodeService {
-            backend,
+            devices,
+            ledger,
             host,
-            node_id,
-            max_volumes,
             default_fs,
             guards: OpGuards::default(),
         }
     }
 
+    pub fn info(&self) -> &NodeInfo {
+        self.devices.node_info()
+    }
+
     pub fn node_id(&self) -> &str {
-        &self.node_id
-    }
-
-    pub fn max_volumes(&self) -> u64 {
-        self.max_volumes
-    }
-
-    pub fn pool_id(&self) -> &str {
-        self.backend.pool_id()
+        &self.info().id
     }
 
     pub fn host(&self) -> &dyn Host {
         &*self.host
     }
 
-    /// Registers this node in the pool (so ControllerPublish knows it) and logs what the kernel
-    /// says is attached and mounted from the pool, the state every later call starts from.
+    /// The device source's start-up duties: the file pool registers this node and logs what
+    /// the kernel says is attached and mounted, the state every later call starts from.
     pub fn start(&self) -> Result<()> {
-        self.backend.register_node(&Node {
-            id: self.node_id.clone(),
-            max_volumes: self.max_volumes,
-            registered: Timestamp::now(),
-        })?;
-        let mounts = self.host.mounts()?;
-        for dev in self.host.loop_devices()? {
-            let Some(id) = self.volume_of_device(&dev) else {
-                continue;
-            };
-            let at: Vec<String> = mounts
-                .iter()
-                .filter(|m| uses_device(m, &dev))
-                .map(|m| m.mount_point.display().to_string())
-                .collect();
-            info!(volume_id = %id, device = %dev.path.display(), mounts = ?at, deleted = dev.backing_deleted, "found attached volume");
+        self.devices.start()
+    }
+
+    /// Gathers the inputs (publication, ledger), then stages for raw block or filesystem use.
+    pub fn stage(&self, req: &StageRequest) -> Result<()> {
+        let _guard = self.guards.acquire(&req.volume_id)?;
+        validate::no_symlinks(&req.staging_path, "staging_target_path")?;
+        let admitted = self.devices.admit(&req.volume_id, req.context.as_ref())?;
+        let memory = self.ledger.get(&admitted.volume.id)?;
+        if req.capability.is_block() {
+            return self.stage_block(req, &admitted.volume);
+        }
+        let want = requested_fs(&req.capability)?;
+        fits(&admitted.volume.id, memory.past, want)?;
+        self.stage_filesystem(req, &admitted, memory, want)
+    }
+
+    fn stage_block(&self, req: &StageRequest, volume: &VolumeRef) -> Result<()> {
+        let existing = self.devices.find(volume)?;
+        if let Some(m) = top_mount(&self.host.mounts()?, &req.staging_path) {
+            if existing.as_ref().is_some_and(|d| d.dev == m.dev) {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is staged at {} as a filesystem",
+                    volume.id,
+                    req.staging_path.display()
+                )));
+            }
+        }
+        // Record first: from now on the contents are the user's raw data, never formatted.
+        self.ledger.set(&volume.id, Past::RawBlock)?;
+        if existing.is_none() {
+            let dev = time_phase(Phase::Attach, || self.devices.attach(volume))?;
+            fault_point("stage.after_attach");
+            info!(volume_id = %volume.id, device = %dev.path.display(), "attached for block access");
         }
         Ok(())
     }
 
-    /// The volume whose image backs `dev`, if it is one of this pool's: by path, or by inode
-    /// when sysfs shows the path cut short (see `loops_of`).
-    fn volume_of_device(&self, dev: &LoopDevice) -> Option<String> {
-        let id = dev.backing_file.file_stem()?.to_str()?;
-        let image = self.backend.image_path(id).ok()?;
-        let same = image == dev.backing_file
-            || (dev.backing_id.is_some() && FileId::of(&image) == dev.backing_id);
-        same.then(|| id.to_string())
-    }
-
-    /// The loop devices backed by `image`, including ones whose image was deleted: by path, or
-    /// by inode when the path sysfs shows is cut short (the device was attached from a mount namespace that is gone, such as a
-    /// previous node plugin container).
-    fn loops_of(&self, image: &Path) -> Result<Vec<LoopDevice>> {
-        let id = FileId::of(image);
-        Ok(self
-            .host
-            .loop_devices()?
-            .into_iter()
-            .filter(|d| d.backing_file == image || (id.is_some() && d.backing_id == id))
-            .collect())
-    }
-
-    fn live_loop(&self, image: &Path) -> Result<Option<LoopDevice>> {
-        let loops = self.loops_of(image)?;
-        if loops.iter().filter(|d| !d.backing_deleted).count() > 1 {
-            warn!(image = %image.display(), "image is attached to several loop devices");
-        }
-        Ok(loops.into_iter().find(|d| !d.backing_deleted))
-    }
-
-    fn published_volume(&self, id: &str) -> Result<Volume> {
-        let volume = self.backend.volume(id)?;
-        if !volume.attachments.contains_key(&self.node_id) {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is not published to node {}",
-                self.node_id
-            )));
-        }
-        Ok(volume)
-    }
-
-    pub fn stage(&self, req: &StageRequest) -> Result<()> {
-        let _guard = self.guards.acquire(&req.volume_id)?;
-        validate::no_symlinks(&req.staging_path, "staging_target_path")?;
-        let volume = self.published_volume(&req.volume_id)?;
-        check_fits(&volume, &req.capability)?;
-        let image = self.backend.image_path(&volume.id)?;
-        let mounts = self.host.mounts()?;
-        let existing = self.live_loop(&image)?;
-
-        if req.capability.is_block() {
-            if let Some(m) = top_mount(&mounts, &req.staging_path) {
-                if existing.as_ref().is_some_and(|d| d.dev == m.dev) {
-                    return Err(Error::AlreadyExists(format!(
-                        "volume {} is staged at {} as a filesystem",
-                        volume.id,
-                        req.staging_path.display()
-                    )));
-                }
-            }
-            // Record first: from now on the contents are the user's raw data, never formatted.
-            self.backend.record_block_use(&volume.id)?;
-            if existing.is_none() {
-                let dev = time_phase(Phase::Attach, || self.attach(&image))?;
-                crate::support::faults::point("stage.after_attach");
-                info!(volume_id = %volume.id, device = %dev.path.display(), "attached for block access");
-            }
+    fn stage_filesystem(
+        &self,
+        req: &StageRequest,
+        admitted: &Admitted,
+        memory: Memory,
+        want: Option<FsType>,
+    ) -> Result<()> {
+        let volume = &admitted.volume;
+        let existing = self.devices.find(volume)?;
+        if let StagingPath::Staged = self.check_staging_path(req, volume, existing.as_ref())? {
             return Ok(());
         }
-
-        if let Some(m) = top_mount(&mounts, &req.staging_path) {
-            match &existing {
-                Some(dev) if dev.dev == m.dev => {
-                    return self.check_staged_mount(&volume, req, m);
-                }
-                _ if self.is_stale(m)? => {
-                    // The device under this mount is gone (as after a crash between detach and
-                    // unmount): the mount can only return I/O errors, so replace it.
-                    warn!(volume_id = %volume.id, path = %req.staging_path.display(), dev = %m.dev, "replacing a stale staging mount");
-                    self.host.unmount(&req.staging_path)?;
-                }
-                _ => {
-                    return Err(Error::AlreadyExists(format!(
-                        "staging path {} already holds another device ({})",
-                        req.staging_path.display(),
-                        m.dev
-                    )))
-                }
-            }
-        }
-
         // Checked before attaching, so a bad path costs no attach and no format.
         ensure_dir(&req.staging_path)?;
         let attached_here = existing.is_none();
         let dev = match existing {
             Some(d) => d,
-            None => time_phase(Phase::Attach, || self.attach(&image))?,
+            None => time_phase(Phase::Attach, || self.devices.attach(volume))?,
         };
-        crate::support::faults::point("stage.after_attach");
-        let res = self.format_and_mount(&volume, req, &dev);
+        fault_point("stage.after_attach");
+        let res = self
+            .prepare_filesystem(req, admitted, memory, want, &dev)
+            .and_then(|fs| self.mount_staged(req, volume, &dev, fs));
         if res.is_err() && attached_here {
-            if let Err(e) = self.host.detach_loop(&dev) {
+            if let Err(e) = self.devices.release(volume, &dev) {
                 warn!(volume_id = %volume.id, error = %e, "detach after a failed stage");
             }
         }
         res
     }
 
-    fn attach(&self, image: &Path) -> Result<LoopDevice> {
-        Ok(self.host.attach_loop(
-            image,
-            AttachOptions {
-                read_only: false,
-                direct_io: true,
-            },
-        )?)
-    }
-
-    /// A mount whose device is no longer attached.
-    fn is_stale(&self, m: &MountEntry) -> Result<bool> {
-        const LOOP_MAJOR: u32 = 7;
-        Ok(m.dev.major == LOOP_MAJOR && !self.host.loop_devices()?.iter().any(|d| d.dev == m.dev))
-    }
-
-    fn check_staged_mount(
+    /// Looks at what is mounted at the staging path: this volume (done, if as asked), a mount
+    /// whose device is gone (removed), or anything else (refused).
+    fn check_staging_path(
         &self,
-        volume: &Volume,
         req: &StageRequest,
-        m: &MountEntry,
-    ) -> Result<()> {
-        if let Some(want) = req.capability.fs_type() {
-            if want != m.fs_type {
-                return Err(Error::AlreadyExists(format!(
-                    "volume {} is staged with {}, not {want}",
-                    volume.id, m.fs_type
-                )));
+        volume: &VolumeRef,
+        existing: Option<&Device>,
+    ) -> Result<StagingPath> {
+        let mounts = self.host.mounts()?;
+        let Some(m) = top_mount(&mounts, &req.staging_path) else {
+            return Ok(StagingPath::Free);
+        };
+        if existing.is_some_and(|d| d.dev == m.dev) {
+            check_staged_mount(&volume.id, req, m)?;
+            return Ok(StagingPath::Staged);
+        }
+        if self.devices.is_stale(m)? {
+            // The device under this mount is gone (as after a crash between detach and
+            // unmount): the mount can only return I/O errors, so replace it.
+            warn!(volume_id = %volume.id, path = %req.staging_path.display(), dev = %m.dev, "replacing a stale staging mount");
+            self.host.unmount(&req.staging_path)?;
+            return Ok(StagingPath::Free);
+        }
+        Err(Error::AlreadyExists(format!(
+            "staging path {} already holds another device ({})",
+            req.staging_path.display(),
+            m.dev
+        )))
+    }
+
+    /// Probes the device, decides (`format::decide`) and carries out the verdict; returns the
+    /// filesystem to mount.
+    fn prepare_filesystem(
+        &self,
+        req: &StageRequest,
+        admitted: &Admitted,
+        memory: Memory,
+        want: Option<FsType>,
+        dev: &Device,
+    ) -> Result<FsType> {
+        let id = &admitted.volume.id;
+        let seen = self.probe(dev);
+        let decision = format::decide(&seen, admitted.grant, memory.past, want, self.default_fs);
+        match decision {
+            Decision::Refuse(why) => Err(Error::FailedPrecondition(why.message(id))),
+            Decision::Format(fs) => self.format(id, memory, dev, fs),
+            Decision::RedoFormat(fs) => {
+                warn!(volume_id = %id, device = %dev.path.display(), fs = fs.as_str(), "redoing a format that was interrupted");
+                time_phase(Phase::Format, || self.host.redo_mkfs(&dev.path, fs))?;
+                fault_point("stage.after_mkfs");
+                self.adopt(req, id, memory, dev, fs)
+            }
+            Decision::Adopt(fs) => self.adopt(req, id, memory, dev, fs),
+        }
+    }
+
+    fn probe(&self, dev: &Device) -> Seen {
+        match time_phase(Phase::Probe, || self.host.probe(&dev.path)) {
+            Ok(Probe::Blank) => Seen::Blank,
+            Ok(Probe::Filesystem { fs_type, .. }) => Seen::Filesystem(fs_type),
+            Ok(Probe::Other { description }) => Seen::Other(description),
+            Err(e) => Seen::Unreadable(e.to_string()),
+        }
+    }
+
+    /// Formats a blank volume, with the ledger saying `Formatting` first: a crash during mkfs
+    /// then leaves a format the next stage may redo, never a "filesystem" it must adopt.
+    fn format(&self, id: &str, memory: Memory, dev: &Device, fs: FsType) -> Result<FsType> {
+        info!(volume_id = %id, device = %dev.path.display(), fs = fs.as_str(), "formatting blank volume");
+        self.ledger.set(id, Past::Formatting(fs))?;
+        time_phase(Phase::Format, || self.host.mkfs(&dev.path, fs))?;
+        fault_point("stage.after_mkfs");
+        self.ledger.set(id, Past::Filesystem(fs))?;
+        if memory.pending_node_expansion {
+            // mkfs filled the whole (already grown) device.
+            self.ledger.node_expanded(id)?;
+        }
+        fault_point("stage.after_record_filesystem");
+        Ok(fs)
+    }
+
+    /// Takes a filesystem that is there: records it, gives a copy its own UUID, and grows it
+    /// if the volume grew while unstaged.
+    fn adopt(
+        &self,
+        req: &StageRequest,
+        id: &str,
+        memory: Memory,
+        dev: &Device,
+        fs: FsType,
+    ) -> Result<FsType> {
+        if !matches!(memory.past, Past::Filesystem(_)) {
+            self.ledger.set(id, Past::Filesystem(fs))?;
+        }
+        if memory.needs_new_uuid {
+            // A restore or clone still has its origin's UUID; both must be mountable side by
+            // side. Any failure leaves the volume untouched and unstaged.
+            self.host
+                .new_fs_uuid(&dev.path, fs, &req.staging_path)
+                .map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "could not give the copied filesystem of volume {id} its own UUID: {e}"
+                    ))
+                })?;
+            self.ledger.new_uuid_done(id)?;
+            info!(volume_id = %id, "gave the copied filesystem a new UUID");
+        }
+        if memory.pending_node_expansion && fs == FsType::Ext4 {
+            // Growing before the mount needs no online-resize privilege; if it fails,
+            // NodeExpandVolume grows it online later.
+            match self.host.grow_unmounted_fs(&dev.path, fs) {
+                Ok(()) => self.ledger.node_expanded(id)?,
+                Err(e) => warn!(volume_id = %id, error = %e, "offline grow before mount"),
             }
         }
-        let read_only = req.capability.mode.read_only();
-        if m.read_only() != read_only {
-            return Err(Error::AlreadyExists(format!(
-                "volume {} is staged {}",
-                volume.id,
-                if m.read_only() {
-                    "read-only"
-                } else {
-                    "read-write"
-                }
-            )));
-        }
-        Ok(())
+        Ok(fs)
     }
 
-    /// The fail-closed core: mkfs runs only when the probe positively says blank and the pool
-    /// has never recorded a filesystem or raw use for this volume.
-    fn format_and_mount(
+    fn mount_staged(
         &self,
-        volume: &Volume,
         req: &StageRequest,
-        dev: &LoopDevice,
+        volume: &VolumeRef,
+        dev: &Device,
+        fs: FsType,
     ) -> Result<()> {
-        let probe = match self.redo_interrupted_format(volume, req, dev)? {
-            Some(fs) => Ok(Probe::Filesystem {
-                fs_type: fs.as_str().to_string(),
-                uuid: None,
-            }),
-            None => time_phase(Phase::Probe, || self.host.probe(&dev.path)),
-        };
-        let fs = match probe {
-            Err(e) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "cannot tell whether volume {} holds data ({e}); refusing to format it",
-                    volume.id
-                )))
-            }
-            Ok(Probe::Other { description }) => {
-                return Err(Error::FailedPrecondition(format!(
-                "volume {} holds {description}, not a filesystem; refusing to format or mount it",
-                volume.id
-            )))
-            }
-            Ok(Probe::Filesystem { fs_type, .. }) => {
-                let Some(found) = FsType::parse(&fs_type) else {
-                    return Err(Error::FailedPrecondition(format!(
-                        "volume {} holds an unsupported {fs_type} filesystem",
-                        volume.id
-                    )));
-                };
-                if let Some(want) = req.capability.fs_type() {
-                    if want != found.as_str() {
-                        return Err(Error::FailedPrecondition(format!(
-                            "volume {} holds {fs_type}, not the requested {want}",
-                            volume.id
-                        )));
-                    }
-                }
-                if volume.filesystem.is_none() {
-                    self.backend.record_filesystem(&volume.id, found.as_str())?;
-                }
-                if volume.needs_new_uuid {
-                    // A restore or clone still has its origin's UUID; both must be mountable
-                    // side by side. Any failure leaves the volume untouched and unstaged.
-                    self.host
-                        .new_fs_uuid(&dev.path, found, &req.staging_path)
-                        .map_err(|e| {
-                            Error::FailedPrecondition(format!(
-                                "could not give the copied filesystem of volume {} its own UUID: {e}",
-                                volume.id
-                            ))
-                        })?;
-                    self.backend.record_new_uuid(&volume.id)?;
-                    info!(volume_id = %volume.id, "gave the copied filesystem a new UUID");
-                }
-                if volume.pending_node_expansion && found == FsType::Ext4 {
-                    // Growing before the mount needs no online-resize privilege; if it fails,
-                    // NodeExpandVolume grows it online later.
-                    match self.host.grow_unmounted_fs(&dev.path, found) {
-                        Ok(()) => {
-                            self.backend.record_node_expanded(&volume.id)?;
-                        }
-                        Err(e) => {
-                            warn!(volume_id = %volume.id, error = %e, "offline grow before mount")
-                        }
-                    }
-                }
-                found
-            }
-            Ok(Probe::Blank) => {
-                if let Some(recorded) = &volume.filesystem {
-                    return Err(Error::FailedPrecondition(format!(
-                        "volume {} recorded a {recorded} filesystem but its device reads blank: \
-                         data may be at risk, refusing to format",
-                        volume.id
-                    )));
-                }
-                if volume.used_as_block {
-                    return Err(Error::FailedPrecondition(format!(
-                        "volume {} was used as a raw block device; refusing to format it",
-                        volume.id
-                    )));
-                }
-                let fs = req
-                    .capability
-                    .fs_type()
-                    .and_then(FsType::parse)
-                    .unwrap_or(self.default_fs);
-                info!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "formatting blank volume");
-                self.backend.record_formatting(&volume.id, fs.as_str())?;
-                time_phase(Phase::Format, || self.host.mkfs(&dev.path, fs))?;
-                crate::support::faults::point("stage.after_mkfs");
-                self.backend.record_filesystem(&volume.id, fs.as_str())?;
-                if volume.pending_node_expansion {
-                    // mkfs filled the whole (already grown) device.
-                    self.backend.record_node_expanded(&volume.id)?;
-                }
-                crate::support::faults::point("stage.after_record_filesystem");
-                fs
-            }
-        };
         let flags = match &req.capability.access {
-            crate::storage::AccessType::Mount { mount_flags, .. } => mount_flags.as_slice(),
-            crate::storage::AccessType::Block => &[],
+            AccessType::Mount { mount_flags, .. } => mount_flags.as_slice(),
+            AccessType::Block => &[],
         };
         let opts = validate::mount_options(flags, req.capability.mode.read_only())?;
         time_phase(Phase::Mount, || {
             self.host
                 .mount(&dev.path, &req.staging_path, fs.as_str(), &opts)
         })?;
-        crate::support::faults::point("stage.after_mount");
+        fault_point("stage.after_mount");
         info!(volume_id = %volume.id, path = %req.staging_path.display(), fs = fs.as_str(), "staged");
         Ok(())
     }
 
-    /// A format this driver started on a volume that was never mounted (`formatting` without
-    /// `filesystem`): the process died during mkfs, and the device may hold a half-written
-    /// filesystem that blkid still recognises but that cannot be mounted. Nothing else ever
-    /// wrote there, so the format is redone rather than adopted or refused (which would leave
-    /// the volume unusable forever).
-    fn redo_interrupted_format(
-        &self,
-        volume: &Volume,
-        req: &StageRequest,
-        dev: &LoopDevice,
-    ) -> Result<Option<FsType>> {
-        let (None, Some(started), false) =
-            (&volume.filesystem, &volume.formatting, volume.used_as_block)
-        else {
-            return Ok(None);
-        };
-        let fs = req
-            .capability
-            .fs_type()
-            .or(Some(started.as_str()))
-            .and_then(FsType::parse)
-            .unwrap_or(self.default_fs);
-        warn!(volume_id = %volume.id, device = %dev.path.display(), fs = fs.as_str(), "redoing a format that was interrupted");
-        time_phase(Phase::Format, || self.host.redo_mkfs(&dev.path, fs))?;
-        crate::support::faults::point("stage.after_mkfs");
-        Ok(Some(fs))
-    }
-
     /// Undoes stage: unmounts the staging path if it holds this volume (or a dead device) and
-    /// detaches the volume's loop devices. Not staged is success.
+    /// releases the volume's devices. Not staged is success.
     pub fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let _guard = self.guards.acquire(volume_id)?;
         validate::no_symlinks(staging_path, "staging_target_path")?;
-        let image = self.backend.image_path(volume_id)?;
-        let loops = self.loops_of(&image)?;
+        let volume = self.devices.volume(volume_id)?;
+        let devices = self.devices.all(&volume)?;
         let mounts = self.host.mounts()?;
         if let Some(m) = top_mount(&mounts, staging_path) {
-            if loops.iter().any(|d| d.dev == m.dev) || self.is_stale(m)? {
+            if devices.iter().any(|d| d.dev == m.dev) || self.devices.is_stale(m)? {
                 self.host.unmount(staging_path)?;
-                crate::support::faults::point("unstage.after_unmount");
+                fault_point("unstage.after_unmount");
             } else {
                 return Err(Error::FailedPrecondition(format!(
                     "staging path {} holds another device ({}), not volume {volume_id}",
@@ -425,7 +325,7 @@ impl NodeService {
             }
         }
         let mounts = self.host.mounts()?;
-        for dev in &loops {
+        for dev in &devices {
             if let Some(m) = mounts.iter().find(|m| uses_device(m, dev)) {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {volume_id} is still mounted at {}",
@@ -433,9 +333,9 @@ impl NodeService {
                 )));
             }
         }
-        for dev in &loops {
-            self.host.detach_loop(dev)?;
-            crate::support::faults::point("unstage.after_detach");
+        for dev in &devices {
+            self.devices.release(&volume, dev)?;
+            fault_point("unstage.after_detach");
             info!(volume_id, device = %dev.path.display(), "detached");
         }
         Ok(())
@@ -445,10 +345,14 @@ impl NodeService {
         let _guard = self.guards.acquire(&req.volume_id)?;
         validate::no_symlinks(&req.target, "target_path")?;
         validate::no_symlinks(&req.staging_path, "staging_target_path")?;
-        let volume = self.published_volume(&req.volume_id)?;
-        check_fits(&volume, &req.capability)?;
-        let image = self.backend.image_path(&volume.id)?;
-        let Some(dev) = self.live_loop(&image)? else {
+        let admitted = self.devices.admit(&req.volume_id, req.context.as_ref())?;
+        let volume = &admitted.volume;
+        let block = req.capability.is_block();
+        if !block {
+            let want = requested_fs(&req.capability)?;
+            fits(&volume.id, self.ledger.get(&volume.id)?.past, want)?;
+        }
+        let Some(dev) = self.devices.find(volume)? else {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} is not staged on this node",
                 volume.id
@@ -456,7 +360,6 @@ impl NodeService {
         };
         let read_only = req.read_only || req.capability.mode.read_only();
         let mounts = self.host.mounts()?;
-        let block = req.capability.is_block();
         if !block {
             match top_mount(&mounts, &req.staging_path) {
                 Some(m) if m.dev == dev.dev => {}
@@ -511,7 +414,7 @@ impl NodeService {
         } else {
             ensure_dir(&req.target)?
         };
-        crate::support::faults::point("publish.after_target");
+        fault_point("publish.after_target");
         let source = if block { &dev.path } else { &req.staging_path };
         if let Err(e) = self.host.bind_mount(source, &req.target, read_only) {
             if created {
@@ -519,14 +422,14 @@ impl NodeService {
             }
             return Err(e.into());
         }
-        crate::support::faults::point("publish.after_bind");
+        fault_point("publish.after_bind");
         info!(volume_id = %volume.id, target = %req.target.display(), read_only, "published");
         Ok(())
     }
 
-    /// Whether mount `m` at `path` shows the volume on loop device `dev`: a filesystem bind
-    /// carries the loop device's number, a bound device node refers to it.
-    fn mount_is_of(&self, m: &MountEntry, dev: &LoopDevice, path: &Path) -> Result<bool> {
+    /// Whether mount `m` at `path` shows the volume on device `dev`: a filesystem bind
+    /// carries the device's number, a bound device node refers to it.
+    fn mount_is_of(&self, m: &MountEntry, dev: &Device, path: &Path) -> Result<bool> {
         if m.dev == dev.dev {
             return Ok(true);
         }
@@ -538,7 +441,7 @@ impl NodeService {
     /// written into an unmounted directory is never deleted.
     pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<()> {
         let _guard = self.guards.acquire(volume_id)?;
-        self.backend.image_path(volume_id)?; // a malformed id is NOT_FOUND, as everywhere
+        self.devices.volume(volume_id)?; // a malformed id is NOT_FOUND, as everywhere
         validate::no_symlinks(target, "target_path")?;
         // Stacked mounts (a retried publish that raced) are unmounted one by one; each look at
         // the mount table decides both whether to go on and whether the last unmount did it.
@@ -552,27 +455,32 @@ impl NodeService {
             }
             self.host.unmount(target)?;
             unmounted += 1;
-            crate::support::faults::point("unpublish.after_unmount");
+            fault_point("unpublish.after_unmount");
         }
         remove_target(target)?;
         info!(volume_id, target = %target.display(), "unpublished");
         Ok(())
     }
 
-    /// Makes the node see a grown image: refreshes the loop device's size and grows the
+    /// Makes the node see a grown volume: refreshes the device's size and grows the
     /// filesystem mounted at `path` (block volumes: the device only). Returns the device size.
     pub fn expand(&self, volume_id: &str, path: &str) -> Result<u64> {
         let _guard = self.guards.acquire(volume_id)?;
         let (volume, path, dev) = self.volume_at(volume_id, path)?;
-        let dev = dev.ok_or_else(|| {
-            Error::FailedPrecondition(format!("volume {volume_id} is not staged on this node"))
-        })?;
+        let Some(dev) = dev else {
+            if !self.devices.exists(&volume)? {
+                return Err(Error::NotFound(format!("volume {volume_id}")));
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is not staged on this node"
+            )));
+        };
         let not_here =
             || Error::NotFound(format!("volume {volume_id} is not available at {path:?}"));
-        time_phase(Phase::Resize, || self.host.refresh_loop_capacity(&dev))?;
+        time_phase(Phase::Resize, || self.devices.refresh_size(&volume, &dev))?;
         let size = self.host.device_size(&dev.path)?;
         if self.host.device_number(&path)? == Some(dev.dev) {
-            self.backend.record_node_expanded(&volume.id)?;
+            self.ledger.node_expanded(&volume.id)?;
             return Ok(size);
         }
         let mounts = self.host.mounts()?;
@@ -588,27 +496,26 @@ impl NodeService {
                 fs.as_str()
             ))
         })?;
-        self.backend.record_node_expanded(&volume.id)?;
+        self.ledger.node_expanded(&volume.id)?;
         info!(volume_id, path = %path.display(), size, "expanded");
         Ok(size)
     }
 
     /// The volume, its validated `path` (which must exist: NOT_FOUND otherwise, as for a
-    /// relative one) and its loop device on this node if it has one.
+    /// relative one) and its device on this node if it has one.
     fn volume_at(
         &self,
         volume_id: &str,
         path: &str,
-    ) -> Result<(Volume, PathBuf, Option<LoopDevice>)> {
-        let volume = self.backend.volume(volume_id)?;
+    ) -> Result<(VolumeRef, PathBuf, Option<Device>)> {
+        let volume = self.devices.volume(volume_id)?;
         let not_here =
             || Error::NotFound(format!("volume {volume_id} is not available at {path:?}"));
         let path = validate::path(path, "volume_path").map_err(|_| not_here())?;
         if !path.exists() {
             return Err(not_here());
         }
-        let image = self.backend.image_path(&volume.id)?;
-        let dev = self.live_loop(&image)?;
+        let dev = self.devices.find(&volume)?;
         Ok((volume, path, dev))
     }
 
@@ -617,7 +524,7 @@ impl NodeService {
         let not_here =
             || Error::NotFound(format!("volume {volume_id} is not available at {path:?}"));
         let dev = dev.ok_or_else(not_here)?;
-        let health = self.backend.health(&volume);
+        let health = self.devices.condition(&volume, &dev);
         if self.host.device_number(&path)? == Some(dev.dev) {
             let total_bytes = self.host.device_size(&dev.path)?;
             return Ok((Usage::Block { total_bytes }, health));
@@ -633,14 +540,60 @@ impl NodeService {
     }
 }
 
+/// The requested filesystem. The adapter validated it; one this node cannot make is refused
+/// here too rather than replaced by the default.
+fn requested_fs(cap: &Capability) -> Result<Option<FsType>> {
+    cap.fs_type()
+        .map(|s| {
+            FsType::parse(s)
+                .ok_or_else(|| Error::InvalidArgument(format!("unsupported fs_type {s:?}")))
+        })
+        .transpose()
+}
+
+/// A volume known to hold one filesystem is never staged or published as another.
+fn fits(id: &str, past: Past, want: Option<FsType>) -> Result<()> {
+    format::fits(past, want).map_err(|(have, want)| {
+        Error::InvalidArgument(format!(
+            "volume {id} holds {}, not {}",
+            have.as_str(),
+            want.as_str()
+        ))
+    })
+}
+
+/// Whether the staged mount `m` is what the request asks for.
+fn check_staged_mount(id: &str, req: &StageRequest, m: &MountEntry) -> Result<()> {
+    if let Some(want) = req.capability.fs_type() {
+        if want != m.fs_type {
+            return Err(Error::AlreadyExists(format!(
+                "volume {id} is staged with {}, not {want}",
+                m.fs_type
+            )));
+        }
+    }
+    let read_only = req.capability.mode.read_only();
+    if m.read_only() != read_only {
+        return Err(Error::AlreadyExists(format!(
+            "volume {id} is staged {}",
+            if m.read_only() {
+                "read-only"
+            } else {
+                "read-write"
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// The mount on top at `path`, if `path` is a mount point.
 fn top_mount<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
     mounts.iter().rev().find(|m| m.mount_point == path)
 }
 
-/// Whether a mount shows the loop device: a filesystem on it (or a bind of one), or a bind of
+/// Whether a mount shows the device: a filesystem on it (or a bind of one), or a bind of
 /// its device node (which mountinfo shows as the devtmpfs entry named after the device).
-fn uses_device(m: &MountEntry, dev: &LoopDevice) -> bool {
+pub(crate) fn uses_device(m: &MountEntry, dev: &Device) -> bool {
     if m.dev == dev.dev {
         return true;
     }
@@ -726,12 +679,15 @@ fn remove_target(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::host::fake::FakeHost;
-    use crate::storage::filepool::FilePool;
-    use crate::storage::{AccessMode, AccessType, Attachment, NewVolume};
+    use crate::node::device::fake::FakeDevices;
+    use crate::node::ledger::MemLedger;
+    use crate::storage::contract::FormatGrant;
+    use crate::storage::AccessMode;
 
     struct Env {
         dir: tempfile::TempDir,
-        pool: Arc<FilePool>,
+        devices: Arc<FakeDevices>,
+        ledger: Arc<MemLedger>,
         host: Arc<FakeHost>,
         node: NodeService,
     }
@@ -756,47 +712,28 @@ mod tests {
 
     fn env() -> Env {
         let dir = tempfile::tempdir().unwrap();
-        let pool = Arc::new(FilePool::open(&dir.path().join("pool")).unwrap());
         let host = Arc::new(FakeHost::new());
-        let node = NodeService::new(pool.clone(), host.clone(), "n1".into(), 0, FsType::Ext4);
+        let devices = Arc::new(FakeDevices::new(host.clone(), dir.path().join("images")));
+        let ledger = Arc::new(MemLedger::default());
+        let node = NodeService::new(devices.clone(), ledger.clone(), host.clone(), FsType::Ext4);
         node.start().unwrap();
         std::fs::create_dir(dir.path().join("staging")).unwrap();
         std::fs::create_dir(dir.path().join("pods")).unwrap();
         Env {
             dir,
-            pool,
+            devices,
+            ledger,
             host,
             node,
         }
     }
 
     impl Env {
-        /// A volume created and published to this node with `c`.
-        fn volume(&self, name: &str, c: &Capability) -> String {
-            let v = self
-                .pool
-                .create_volume(&NewVolume {
-                    name: name.into(),
-                    required_bytes: 1 << 20,
-                    limit_bytes: 0,
-                    min_bytes: 0,
-                    capabilities: vec![c.clone()],
-                    parameters: Default::default(),
-                    source: None,
-                    provisioning: Default::default(),
-                })
-                .unwrap();
-            self.pool
-                .attach(
-                    &v.id,
-                    "n1",
-                    &Attachment {
-                        read_only: false,
-                        capability: c.clone(),
-                    },
-                )
-                .unwrap();
-            v.id
+        /// A volume published to this node (without a publish context: by its record).
+        fn volume(&self, name: &str, _c: &Capability) -> String {
+            let id = format!("vol-{name}");
+            self.devices.create(&id, true);
+            id
         }
         fn staging(&self) -> PathBuf {
             self.dir.path().join("staging")
@@ -804,12 +741,21 @@ mod tests {
         fn target(&self, name: &str) -> PathBuf {
             self.dir.path().join("pods").join(name)
         }
-        fn stage(&self, id: &str, c: &Capability) -> Result<()> {
+        fn stage_with(
+            &self,
+            id: &str,
+            c: &Capability,
+            context: Option<PublishContext>,
+        ) -> Result<()> {
             self.node.stage(&StageRequest {
                 volume_id: id.into(),
                 staging_path: self.staging(),
                 capability: c.clone(),
+                context,
             })
+        }
+        fn stage(&self, id: &str, c: &Capability) -> Result<()> {
+            self.stage_with(id, c, None)
         }
         fn publish(&self, id: &str, target: &Path, c: &Capability) -> Result<()> {
             self.node.publish(&PublishRequest {
@@ -818,10 +764,14 @@ mod tests {
                 target: target.to_path_buf(),
                 capability: c.clone(),
                 read_only: false,
+                context: None,
             })
         }
         fn image(&self, id: &str) -> PathBuf {
-            self.pool.image_path(id).unwrap()
+            self.devices.source(id)
+        }
+        fn past(&self, id: &str) -> Past {
+            self.ledger.get(id).unwrap().past
         }
         fn attached(&self) -> usize {
             self.host.loop_devices().unwrap().len()
@@ -837,17 +787,14 @@ mod tests {
         assert_eq!(e.host.count("mkfs"), 1, "{:?}", e.host.call_log());
         assert_eq!(e.host.count("attach_loop"), 1);
         assert_eq!(e.host.count("mount"), 1);
-        assert_eq!(
-            e.pool.volume(&id).unwrap().filesystem.as_deref(),
-            Some("ext4")
-        );
+        assert_eq!(e.past(&id), Past::Filesystem(FsType::Ext4));
     }
 
     #[test]
     fn stage_of_a_volume_not_published_here_touches_nothing() {
         let e = env();
-        let id = e.volume("v", &mount_cap());
-        e.pool.detach(&id, "n1").unwrap();
+        let id = "vol-v";
+        e.devices.create(id, false);
         assert!(matches!(
             e.stage(&id, &mount_cap()),
             Err(Error::FailedPrecondition(_))
@@ -898,10 +845,12 @@ mod tests {
                 None => e.host.fail_probe(&e.image(&id)),
             }
             if let Some(fs) = recorded {
-                e.pool.record_filesystem(&id, fs).unwrap();
+                e.ledger
+                    .set(&id, Past::Filesystem(FsType::parse(fs).unwrap()))
+                    .unwrap();
             }
             if raw {
-                e.pool.record_block_use(&id).unwrap();
+                e.ledger.set(&id, Past::RawBlock).unwrap();
             }
             let res = e.stage(&id, &mount_cap());
             assert!(
@@ -922,7 +871,7 @@ mod tests {
     fn recorded_filesystem_with_blank_probe_says_data_may_be_at_risk() {
         let e = env();
         let id = e.volume("v", &mount_cap());
-        e.pool.record_filesystem(&id, "xfs").unwrap();
+        e.ledger.set(&id, Past::Filesystem(FsType::Xfs)).unwrap();
         let msg = e.stage(&id, &mount_cap()).unwrap_err().to_string();
         assert!(msg.contains("data may be at risk"), "{msg}");
     }
@@ -940,10 +889,7 @@ mod tests {
         );
         e.stage(&id, &mount_cap()).unwrap();
         assert_eq!(e.host.count("mkfs"), 0);
-        assert_eq!(
-            e.pool.volume(&id).unwrap().filesystem.as_deref(),
-            Some("xfs")
-        );
+        assert_eq!(e.past(&id), Past::Filesystem(FsType::Xfs));
         let mounts = e.host.mounts().unwrap();
         assert_eq!(top_mount(&mounts, &e.staging()).unwrap().fs_type, "xfs");
         // Asking for ext4 on an xfs volume is refused.
@@ -1059,7 +1005,7 @@ mod tests {
         let c = cap(true, None, AccessMode::SingleNodeWriter);
         let id = e.volume("v", &c);
         e.stage(&id, &c).unwrap();
-        assert!(e.pool.volume(&id).unwrap().used_as_block);
+        assert_eq!(e.past(&id), Past::RawBlock);
         let target = e.target("dev");
         e.publish(&id, &target, &c).unwrap();
         e.publish(&id, &target, &c).unwrap();
@@ -1080,50 +1026,31 @@ mod tests {
         let e = env();
         let src = e.volume("src", &mount_cap());
         e.stage(&src, &mount_cap()).unwrap();
-        let restored = e
-            .pool
-            .create_volume(&NewVolume {
-                name: "copy".into(),
-                required_bytes: 1 << 20,
-                limit_bytes: 0,
-                min_bytes: 0,
-                capabilities: vec![mount_cap()],
-                parameters: Default::default(),
-                source: Some(crate::storage::VolumeSource::Volume(src.clone())),
-                provisioning: Default::default(),
-            })
+        // What a restore leaves in the ledger: the source's filesystem, and its UUID.
+        let restored = e.volume("copy", &mount_cap());
+        e.ledger
+            .set(&restored, Past::Filesystem(FsType::Ext4))
             .unwrap();
-        assert!(restored.needs_new_uuid);
-        assert_eq!(restored.filesystem.as_deref(), Some("ext4"));
-        e.pool
-            .attach(
-                &restored.id,
-                "n1",
-                &Attachment {
-                    read_only: false,
-                    capability: mount_cap(),
-                },
-            )
-            .unwrap();
+        e.ledger.set_needs_new_uuid(&restored);
         // The fake keys contents by image: the copy holds what the source held.
         e.host.set_probe(
-            &e.image(&restored.id),
+            &e.image(&restored),
             Probe::Filesystem {
                 fs_type: "ext4".into(),
                 uuid: Some("same".into()),
             },
         );
         e.node.unstage(&src, &e.staging()).unwrap();
-        e.stage(&restored.id, &mount_cap()).unwrap();
+        e.stage(&restored, &mount_cap()).unwrap();
         assert_eq!(e.host.count("new_fs_uuid"), 1);
         assert_eq!(
             e.host.count("mkfs"),
             1,
             "only the source was ever formatted"
         );
-        assert!(!e.pool.volume(&restored.id).unwrap().needs_new_uuid);
-        e.node.unstage(&restored.id, &e.staging()).unwrap();
-        e.stage(&restored.id, &mount_cap()).unwrap();
+        assert!(!e.ledger.get(&restored).unwrap().needs_new_uuid);
+        e.node.unstage(&restored, &e.staging()).unwrap();
+        e.stage(&restored, &mount_cap()).unwrap();
         assert_eq!(e.host.count("new_fs_uuid"), 1, "once only");
     }
 
@@ -1134,11 +1061,11 @@ mod tests {
         let target = e.target("t");
         e.stage(&id, &mount_cap()).unwrap();
         e.publish(&id, &target, &mount_cap()).unwrap();
-        e.pool.expand_volume(&id, 2 << 20).unwrap();
+        e.ledger.set_pending_expansion(&id);
         e.node.expand(&id, target.to_str().unwrap()).unwrap();
         assert_eq!(e.host.count("refresh_loop_capacity"), 1);
         assert_eq!(e.host.count("grow_fs"), 1);
-        assert!(!e.pool.volume(&id).unwrap().pending_node_expansion);
+        assert!(!e.ledger.get(&id).unwrap().pending_node_expansion);
         assert!(matches!(
             e.node.expand(&id, "some/path"),
             Err(Error::NotFound(_))
@@ -1171,6 +1098,94 @@ mod tests {
                 "vol-00000000000000000000000000000000",
                 target.to_str().unwrap()
             ),
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn the_context_admits_the_volume_and_its_grant_is_obeyed() {
+        let e = env();
+        let id = "vol-ctx";
+        // Not in the source's own record: the context alone is the publication.
+        e.devices.create(id, false);
+        let never = PublishContext {
+            device: None,
+            format: FormatGrant::Never,
+        };
+        let res = e.stage_with(id, &mount_cap(), Some(never.clone()));
+        assert!(
+            matches!(&res, Err(Error::FailedPrecondition(m)) if m.contains("does not allow formatting")),
+            "{res:?}"
+        );
+        assert_eq!(e.host.count("mkfs"), 0);
+        assert_eq!(e.attached(), 0);
+        assert_eq!(e.past(id), Past::Unused, "a refusal records nothing");
+        // Never formats, but adopts what is there.
+        e.host.set_probe(
+            &e.image(id),
+            Probe::Filesystem {
+                fs_type: "ext4".into(),
+                uuid: None,
+            },
+        );
+        e.stage_with(id, &mount_cap(), Some(never)).unwrap();
+        assert_eq!(e.host.count("mkfs"), 0);
+        assert_eq!(e.past(id), Past::Filesystem(FsType::Ext4));
+    }
+
+    #[test]
+    fn a_recorded_filesystem_is_not_staged_or_published_as_another() {
+        let e = env();
+        let id = e.volume("v", &mount_cap());
+        e.stage(&id, &mount_cap()).unwrap();
+        let xfs = cap(false, Some("xfs"), AccessMode::SingleNodeWriter);
+        e.node.unstage(&id, &e.staging()).unwrap();
+        e.host.clear_calls();
+        assert!(matches!(e.stage(&id, &xfs), Err(Error::InvalidArgument(_))));
+        assert!(e.host.calls().is_empty(), "{:?}", e.host.call_log());
+        assert!(matches!(
+            e.publish(&id, &e.target("t"), &xfs),
+            Err(Error::InvalidArgument(_))
+        ));
+        // A filesystem the node cannot make is refused, not replaced by the default.
+        let odd = cap(false, Some("btrfs"), AccessMode::SingleNodeWriter);
+        let other = e.volume("w", &odd);
+        assert!(matches!(
+            e.stage(&other, &odd),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(e.host.count("mkfs"), 0);
+    }
+
+    #[test]
+    fn an_interrupted_format_is_redone_and_then_recorded() {
+        let e = env();
+        let id = e.volume("v", &mount_cap());
+        e.ledger.set(&id, Past::Formatting(FsType::Xfs)).unwrap();
+        e.host.fail_probe(&e.image(&id));
+        e.stage(&id, &mount_cap()).unwrap();
+        assert_eq!(e.host.count("mkfs"), 1, "{:?}", e.host.call_log());
+        assert_eq!(e.past(&id), Past::Filesystem(FsType::Xfs));
+        let mounts = e.host.mounts().unwrap();
+        assert_eq!(top_mount(&mounts, &e.staging()).unwrap().fs_type, "xfs");
+    }
+
+    #[test]
+    fn expand_tells_a_missing_volume_from_an_unstaged_one() {
+        let e = env();
+        let id = e.volume("v", &mount_cap());
+        let here = e.staging();
+        let here = here.to_str().unwrap();
+        assert!(matches!(
+            e.node.expand(&id, here),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            e.node.expand("vol-gone", here),
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            e.node.expand("../x", here),
             Err(Error::NotFound(_))
         ));
     }

@@ -28,10 +28,12 @@
 //! record makes the whole snapshot durable; elsewhere every step is synced.
 
 pub mod copy;
+pub mod devices;
 pub(crate) mod fsutil;
 mod gc;
 mod health;
 pub mod provider;
+pub mod ledger;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
