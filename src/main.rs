@@ -9,7 +9,7 @@ use blockcsi::daemon::config::LogFormat;
 #[derive(Parser)]
 #[command(
     name = "blockcsi",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("BLOCKCSI_GIT_COMMIT"), ")"),
     about = "CSI block-storage driver: sparse images in a pool, attached as loop devices"
 )]
 struct Cli {

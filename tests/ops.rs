@@ -649,3 +649,120 @@ fn bench_quick_mode_runs_and_writes_its_table() {
     }
     sb.assert_no_leaks();
 }
+
+/// A directory holding links to the tools the driver runs, except those of `hidden`: a PATH for
+/// a node image that lacks one filesystem's package.
+fn tool_dir_without(sb: &Sandbox, hidden: &[&str]) -> String {
+    let dir = sb.path("tools");
+    std::fs::create_dir_all(&dir).unwrap();
+    for tool in blockcsi::host::TOOLS
+        .iter()
+        .filter(|t| !hidden.contains(&t.name))
+    {
+        let found = blockcsi::host::find_tool(tool.name)
+            .unwrap_or_else(|| panic!("{} is needed to run this test", tool.name));
+        std::os::unix::fs::symlink(found, dir.join(tool.name)).unwrap();
+    }
+    dir.to_str().unwrap().to_string()
+}
+
+/// A node without xfsprogs is ready and stages ext4; only an xfs stage fails, naming the package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_xfs_tools_is_ready_and_serves_ext4() {
+    let sb = Sandbox::new();
+    let xfs = ["mkfs.xfs", "xfs_growfs", "xfs_admin"];
+    let path = tool_dir_without(&sb, &xfs);
+    let driver = Driver::start_with(&sb, "all", &sb.socket(), 0, &[("PATH", &path)]);
+    let mut c = driver.client().await;
+
+    let probe = c.identity.probe(blockcsi::pb::ProbeRequest {}).await;
+    assert!(probe.is_ok(), "{probe:?}");
+
+    let ext4 = mount_cap("ext4");
+    let id = c.create("pvc-ext4", 16 * MIB, &ext4).await;
+    c.controller_publish(&id, &ext4).await;
+    let staging = sb.dir("staging-ext4");
+    c.stage(&id, &staging, &ext4).await.unwrap();
+    c.unstage(&id, &staging).await;
+    c.remove(&id).await;
+    // The CreateVolume line ties the CO's name to the new volume id.
+    let log = driver.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("CreateVolume")
+            && l.contains("pvc-ext4")
+            && l.contains(&id)
+            && l.contains("code=\"OK\"")),
+        "{log}"
+    );
+
+    let xfs_cap = mount_cap("xfs");
+    let id = c.create("pvc-xfs", 300 * MIB, &xfs_cap).await;
+    c.controller_publish(&id, &xfs_cap).await;
+    let staging = sb.dir("staging-xfs");
+    let err = c.stage(&id, &staging, &xfs_cap).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("mkfs.xfs"), "{err:?}");
+    assert!(err.message().contains("xfsprogs"), "{err:?}");
+    // The failed stage left nothing behind; the volume is still removable.
+    assert_eq!(sb.loops(), Vec::<String>::new(), "{}", driver.log_text());
+    c.unstage(&id, &staging).await;
+    c.remove(&id).await;
+    let probe = c.identity.probe(blockcsi::pb::ProbeRequest {}).await;
+    assert!(
+        probe.is_ok(),
+        "a failed xfs stage must not make the node unready: {probe:?}"
+    );
+    assert!(driver.stop().success());
+
+    // doctor judges the same way: the xfs tools WARN, and nothing FAILs for them.
+    let pool = sb.dir("doctor-pool");
+    let out = Command::new(BIN)
+        .args(["doctor", "--json", "--pool", &pool])
+        .env("PATH", &path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let checks: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for tool in xfs {
+        assert_eq!(
+            status_of(&checks, &format!("tool {tool}")),
+            "WARN",
+            "{checks:?}"
+        );
+    }
+    assert_eq!(status_of(&checks, "tool blkid"), "OK", "{checks:?}");
+    assert_eq!(status_of(&checks, "tool mkfs.ext4"), "OK", "{checks:?}");
+    sb.assert_no_leaks();
+}
+
+/// `--version` names the commit the binary was built from.
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!("blockcsi {} (commit ", env!("CARGO_PKG_VERSION"));
+    assert!(text.starts_with(&want), "{text}");
+    let commit = text
+        .trim()
+        .strip_prefix(&want)
+        .unwrap()
+        .strip_suffix(')')
+        .unwrap();
+    let head = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        // Built from this checkout: the commit, perhaps marked dirty. (A commit made after the
+        // build would differ; the test binary is built with the driver, so it does not.)
+        Some(head) => assert!(
+            commit == head || commit == format!("{head}-dirty"),
+            "{commit} vs {head}"
+        ),
+        None => assert_eq!(commit, "unknown"),
+    }
+}

@@ -134,7 +134,9 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let r = req.into_inner();
         let c = self.controller.clone();
-        run_async("CreateVolume", "", async move {
+        let name = r.name.clone();
+        let new_id = |v: &pb::CreateVolumeResponse| v.volume.as_ref().map(|v| v.volume_id.clone());
+        super::run_create("CreateVolume", "", Some(&name), new_id, async move {
             let name = validate::name(&r.name)?.to_string();
             let capabilities = validate::capabilities(&r.volume_capabilities)?;
             let source = source_of(r.volume_content_source.as_ref())?;
@@ -372,7 +374,10 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let c = self.controller.clone();
         let id = r.source_volume_id.clone();
-        run_async("CreateSnapshot", &id, async move {
+        let name = r.name.clone();
+        let new_id =
+            |s: &pb::CreateSnapshotResponse| s.snapshot.as_ref().map(|s| s.snapshot_id.clone());
+        super::run_create("CreateSnapshot", &id, Some(&name), new_id, async move {
             let name = validate::name(&r.name)?;
             validate::required(&r.source_volume_id, "source_volume_id")?;
             let mut unknown: Vec<&String> = r

@@ -13,7 +13,7 @@ use std::time::Instant;
 use tonic::{Code, Response, Status};
 use tracing::{info, warn};
 
-use crate::error::{Error, Result};
+use crate::error::{code_name, Error, Result};
 
 /// Runs blocking domain work for one RPC on the blocking pool and logs the outcome.
 pub(crate) async fn run<T, F>(
@@ -44,21 +44,71 @@ pub(crate) async fn run_async<T, F>(
 where
     F: std::future::Future<Output = Result<T>>,
 {
+    run_create(method, volume_id, None, |_: &T| None, work).await
+}
+
+/// [`run_async`] for an RPC that creates an object under a CO-chosen name (CreateVolume,
+/// CreateSnapshot): its log line carries the `name` (`pvc-...`, `snapshot-...`) and the `new_id`
+/// the reply gives it, so one line ties what Kubernetes calls it to what the pool calls it.
+pub(crate) async fn run_create<T, F>(
+    method: &'static str,
+    volume_id: &str,
+    name: Option<&str>,
+    new_id: fn(&T) -> Option<String>,
+    work: F,
+) -> std::result::Result<Response<T>, Status>
+where
+    F: std::future::Future<Output = Result<T>>,
+{
     let started = Instant::now();
-    let volume_id = &*crate::error::clip(volume_id, 128); // a hostile id must not flood the log
+    // A hostile id or name must not flood the log.
+    let volume_id = &*crate::error::clip(volume_id, 128);
+    let name = name.map(|n| crate::error::clip(n, 128).into_owned());
     let res = work.await;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     match res {
         Ok(reply) => {
-            info!(method, volume_id, elapsed_ms, code = "OK", "rpc");
+            match &name {
+                Some(name) => {
+                    let new_id = new_id(&reply).unwrap_or_default();
+                    info!(
+                        method,
+                        volume_id,
+                        name,
+                        new_id,
+                        elapsed_ms,
+                        code = "OK",
+                        "rpc"
+                    )
+                }
+                None => info!(method, volume_id, elapsed_ms, code = "OK", "rpc"),
+            }
             Ok(Response::new(reply))
         }
         Err(err) => {
             let status = Status::from(err);
+            let code = code_name(status.code());
+            let name = name.as_deref().unwrap_or_default();
             if matches!(status.code(), Code::Internal | Code::Unavailable) {
-                warn!(method, volume_id, elapsed_ms, code = ?status.code(), message = status.message(), "rpc");
+                warn!(
+                    method,
+                    volume_id,
+                    name,
+                    elapsed_ms,
+                    code,
+                    message = status.message(),
+                    "rpc"
+                );
             } else {
-                info!(method, volume_id, elapsed_ms, code = ?status.code(), message = status.message(), "rpc");
+                info!(
+                    method,
+                    volume_id,
+                    name,
+                    elapsed_ms,
+                    code,
+                    message = status.message(),
+                    "rpc"
+                );
             }
             Err(status)
         }
@@ -77,7 +127,12 @@ pub(crate) fn quick<T>(
         }
         Err(err) => {
             let status = Status::from(err);
-            info!(method, code = ?status.code(), message = status.message(), "rpc");
+            info!(
+                method,
+                code = code_name(status.code()),
+                message = status.message(),
+                "rpc"
+            );
             Err(status)
         }
     }

@@ -8,9 +8,9 @@ use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -37,18 +37,6 @@ const FSCK_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// blkid's exit status when it found no signature at all.
 const BLKID_NOTHING_FOUND: i32 = 2;
-
-/// The tools the node cannot stage a volume without.
-const REQUIRED_TOOLS: [&str; 8] = [
-    "mkfs.ext4",
-    "mkfs.xfs",
-    "blkid",
-    "resize2fs",
-    "xfs_growfs",
-    "e2fsck",
-    "tune2fs",
-    "xfs_admin",
-];
 
 // BLKGETSIZE64 is _IOR(0x12, 114, size_t) but always writes a u64.
 nix::ioctl_read_bad!(
@@ -203,6 +191,8 @@ impl Host for LinuxHost {
     }
 
     fn mkfs(&self, device: &Path, fs: FsType) -> Result<()> {
+        // Before the slot and the probe: a node without this filesystem's tools answers at once.
+        require_mkfs(fs)?;
         // The slot first, so the probe below is the last look before the tool runs.
         let _slot = self
             .heavy
@@ -240,6 +230,7 @@ impl Host for LinuxHost {
     }
 
     fn redo_mkfs(&self, device: &Path, fs: FsType) -> Result<()> {
+        require_mkfs(fs)?;
         let _slot = self
             .heavy
             .acquire(&format!("mkfs.{}", fs.as_str()), MKFS_TIMEOUT)?;
@@ -357,6 +348,10 @@ impl Host for LinuxHost {
     }
 
     fn grow_fs(&self, device: &Path, mount_point: &Path, fs: FsType) -> Result<()> {
+        super::require_tools([match fs {
+            FsType::Ext4 => "resize2fs",
+            FsType::Xfs => "xfs_growfs",
+        }])?;
         let _slot = self.heavy.acquire("a filesystem resize", GROW_TIMEOUT)?;
         match fs {
             FsType::Ext4 => run("resize2fs", &[&device], GROW_TIMEOUT),
@@ -369,6 +364,7 @@ impl Host for LinuxHost {
         match fs {
             // resize2fs insists on a check newer than the last mount, as tune2fs -U does.
             FsType::Ext4 => {
+                super::require_tools(["e2fsck", "resize2fs"])?;
                 check_ext4(device)?;
                 run("resize2fs", &[&device], GROW_TIMEOUT).map(drop)
             }
@@ -380,6 +376,15 @@ impl Host for LinuxHost {
     }
 
     fn new_fs_uuid(&self, device: &Path, fs: FsType, scratch: &Path) -> Result<()> {
+        // Before the replay mount, so a missing tool leaves the device as it was.
+        super::require_tools(
+            match fs {
+                FsType::Ext4 => &["e2fsck", "tune2fs"][..],
+                FsType::Xfs => &["xfs_admin"][..],
+            }
+            .iter()
+            .copied(),
+        )?;
         // XFS refuses to mount a second filesystem with a UUID already mounted: the replay mount
         // says nouuid. The copy's UUID changes below, so later mounts need no such option.
         let replay = MountOptions {
@@ -438,9 +443,9 @@ impl Host for LinuxHost {
         }
         if !tools_known {
             let before = missing.len();
-            for tool in REQUIRED_TOOLS {
-                if find_on_path(tool).is_none() {
-                    missing.push(tool.to_string());
+            for tool in super::required_tools() {
+                if super::find_tool(tool.name).is_none() {
+                    missing.push(format!("{} (package {})", tool.name, tool.package));
                 }
             }
             if missing.len() == before {
@@ -453,6 +458,13 @@ impl Host for LinuxHost {
             Err(format!("missing: {}", missing.join(", ")))
         }
     }
+}
+
+fn require_mkfs(fs: FsType) -> Result<()> {
+    super::require_tools([match fs {
+        FsType::Ext4 => "mkfs.ext4",
+        FsType::Xfs => "mkfs.xfs",
+    }])
 }
 
 fn umount(target: &Path) -> io::Result<()> {
@@ -589,16 +601,6 @@ fn describe(p: &Probe) -> String {
         Probe::Filesystem { fs_type, .. } => format!("a filesystem ({fs_type})"),
         Probe::Other { description } => description.clone(),
     }
-}
-
-fn find_on_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
 }
 
 /// `e2fsck -f -p` of an unmounted ext4: the fresh check tune2fs -U and an offline resize2fs

@@ -151,13 +151,20 @@ pub enum Error {
     },
     #[error("{command} did not finish within {timeout:?}")]
     Timeout { command: String, timeout: Duration },
-    #[error("{0} is not installed")]
+    /// A tool a filesystem needs is not on PATH; the message names the package that ships it.
+    #[error("{0} is not installed (Debian package {pkg})", pkg = tool_package(.0))]
     MissingTool(String),
     #[error("{0}")]
     Busy(String),
 }
 
 impl Error {
+    /// True when the error only says a tool is not installed: the operation needs that tool,
+    /// nothing else about the volume or the node is wrong.
+    pub fn is_missing_tool(&self) -> bool {
+        matches!(self, Error::MissingTool(_))
+    }
+
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
             context: context.into(),
@@ -167,6 +174,119 @@ impl Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An external tool the node runs, and the Debian package that ships it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tool {
+    pub name: &'static str,
+    pub package: &'static str,
+    /// What it is needed for, for doctor's report.
+    pub purpose: &'static str,
+    /// `None`: every volume needs it; `Some(fs)`: only volumes of that filesystem do.
+    pub fs: Option<FsType>,
+}
+
+const fn tool(
+    name: &'static str,
+    package: &'static str,
+    purpose: &'static str,
+    fs: Option<FsType>,
+) -> Tool {
+    Tool {
+        name,
+        package,
+        purpose,
+        fs,
+    }
+}
+
+/// Every tool the node runs. The ones with `fs: None` decide readiness (Probe, `/healthz`,
+/// doctor's FAIL); a node without the tools of one filesystem still serves the others, and only
+/// the NodeStage or NodeExpandVolume that needs a missing tool fails, naming it and its package.
+/// One list, so Probe and doctor cannot disagree on what "ready" means.
+pub const TOOLS: [Tool; 8] = [
+    tool("blkid", "util-linux", "probing before any format", None),
+    tool(
+        "mkfs.ext4",
+        "e2fsprogs",
+        "formatting ext4 volumes",
+        Some(FsType::Ext4),
+    ),
+    tool(
+        "resize2fs",
+        "e2fsprogs",
+        "growing ext4 volumes",
+        Some(FsType::Ext4),
+    ),
+    tool(
+        "e2fsck",
+        "e2fsprogs",
+        "checking copied or grown ext4 volumes",
+        Some(FsType::Ext4),
+    ),
+    tool(
+        "tune2fs",
+        "e2fsprogs",
+        "new UUIDs of copied ext4 volumes",
+        Some(FsType::Ext4),
+    ),
+    tool(
+        "mkfs.xfs",
+        "xfsprogs",
+        "formatting xfs volumes",
+        Some(FsType::Xfs),
+    ),
+    tool(
+        "xfs_growfs",
+        "xfsprogs",
+        "growing xfs volumes",
+        Some(FsType::Xfs),
+    ),
+    tool(
+        "xfs_admin",
+        "xfsprogs",
+        "new UUIDs of copied xfs volumes",
+        Some(FsType::Xfs),
+    ),
+];
+
+/// The tools every volume needs: what readiness checks besides the loop driver.
+pub fn required_tools() -> impl Iterator<Item = &'static Tool> {
+    TOOLS.iter().filter(|t| t.fs.is_none())
+}
+
+/// The tools only volumes of `fs` need.
+pub fn filesystem_tools(fs: FsType) -> impl Iterator<Item = &'static Tool> {
+    TOOLS.iter().filter(move |t| t.fs == Some(fs))
+}
+
+/// The Debian package that ships `tool`, for messages; "?" for a tool not in [`TOOLS`].
+pub fn tool_package(tool: &str) -> &'static str {
+    TOOLS
+        .iter()
+        .find(|t| t.name == tool)
+        .map_or("?", |t| t.package)
+}
+
+/// Where `tool` is on PATH, as `Command` will find it: a regular file with an execute bit.
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// The first of `tools` that is not on PATH, as the error an operation needing it returns.
+pub fn require_tools<'a>(tools: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    match tools.into_iter().find(|t| find_tool(t).is_none()) {
+        Some(t) => Err(Error::MissingTool(t.to_string())),
+        None => Ok(()),
+    }
+}
 
 /// The kernel work of the node service. Implementations must be safe to call from many threads:
 /// the node service serialises work per volume, not globally.
@@ -209,6 +329,8 @@ pub trait Host: Send + Sync {
     /// `scratch` and unmounted first, so a journal or log left by a crash-consistent copy is
     /// replayed as a normal mount would; ext4 is then checked, as tune2fs requires.
     fn new_fs_uuid(&self, device: &Path, fs: FsType, scratch: &Path) -> Result<()>;
-    /// Whether the loop driver and the tools the node needs are present; the message names what is missing.
+    /// Whether the loop driver and the tools every volume needs ([`required_tools`]) are present;
+    /// the message names what is missing. Tools of one filesystem are not part of it: the
+    /// operation that needs one fails on its own ([`Error::MissingTool`]).
     fn check_ready(&self) -> std::result::Result<(), String>;
 }

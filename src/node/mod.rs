@@ -491,6 +491,7 @@ impl NodeService {
             Error::FailedPrecondition(format!("cannot grow a {} filesystem", m.fs_type))
         })?;
         time_phase(Phase::Resize, || self.host.grow_fs(&dev.path, &path, fs)).map_err(|e| {
+            if e.is_missing_tool() { return Error::from(e) }
             Error::Internal(format!(
                 "growing the {} filesystem of volume {volume_id} failed (online ext4 growth needs CAP_SYS_RESOURCE): {e}",
                 fs.as_str()

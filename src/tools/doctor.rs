@@ -4,7 +4,6 @@
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -282,41 +281,25 @@ fn free_loops() -> Check {
     }
 }
 
-/// Where a tool is on PATH, as the driver will look for it.
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-}
-
 fn tools() -> Vec<Check> {
-    // (tool, package, needed for, required)
-    const TOOLS: [(&str, &str, &str, bool); 5] = [
-        ("blkid", "util-linux", "probing before any format", true),
-        ("mkfs.ext4", "e2fsprogs", "ext4 volumes", true),
-        ("mkfs.xfs", "xfsprogs", "xfs volumes", true),
-        ("resize2fs", "e2fsprogs", "growing ext4 volumes", false),
-        ("xfs_growfs", "xfsprogs", "growing xfs volumes", false),
-    ];
-    TOOLS
+    // The host layer's list, so doctor's FAIL is exactly what makes Probe fail; a tool only one
+    // filesystem needs is a WARN: volumes of the other filesystem still work.
+    crate::host::TOOLS
         .iter()
-        .map(|&(tool, package, purpose, required)| {
-            let name = format!("tool {tool}");
-            match which(tool) {
+        .map(|tool| {
+            let name = format!("tool {}", tool.name);
+            let purpose = tool.purpose;
+            match crate::host::find_tool(tool.name) {
                 Some(p) => ok(&name, format!("{} ({purpose})", p.display())),
-                None if required => fail(
+                None if tool.fs.is_none() => fail(
                     &name,
                     format!("not on PATH: needed for {purpose}"),
-                    format!("install {package}"),
+                    format!("install {}", tool.package),
                 ),
                 None => warn(
                     &name,
-                    format!("not on PATH: needed for {purpose}"),
-                    format!("install {package}"),
+                    format!("not on PATH: needed for {purpose}; only those volumes fail"),
+                    format!("install {}", tool.package),
                 ),
             }
         })
