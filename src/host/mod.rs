@@ -2,6 +2,8 @@
 //! Everything the node service does to the machine goes through the [`Host`] trait, so the node
 //! logic can be tested against [`fake::FakeHost`] without root; [`linux::LinuxHost`] is the real one.
 
+// A recording fake for tests; never in the release binary.
+#[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 pub mod linux;
 pub mod loopdev;
