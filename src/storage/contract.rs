@@ -134,6 +134,9 @@ mod tests {
             Err(ContextError::Invalid { .. })
         ));
         m.remove(KEY_FORMAT);
-        assert!(PublishContext::parse(&m).is_err(), "a missing grant is not a grant");
+        assert!(
+            PublishContext::parse(&m).is_err(),
+            "a missing grant is not a grant"
+        );
     }
 }
