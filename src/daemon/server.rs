@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio::net::UnixListener;
 use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info};
 
 use crate::controller::Controller;
@@ -101,15 +102,6 @@ async fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| err(format!("chmod: {e}")))?;
     Ok(listener)
-}
-
-/// The CSI socket's connections. gRPC C-core clients (grpcio, grpcurl's C-core cousins) send the
-/// percent-encoded socket path as `:authority`, which the HTTP/2 layer refuses: they go
-/// through the same repair as kubelet's registration calls (`daemon::authority`).
-fn csi_incoming(
-    listener: UnixListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::io::DuplexStream>> {
-    crate::daemon::authority::incoming(listener)
 }
 
 async fn shutdown_signal() {
@@ -262,7 +254,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             .add_optional_service(
                 node.map(|n| pb::node_server::NodeServer::new(NodeAdapter { node: n })),
             )
-            .serve_with_incoming_shutdown(csi_incoming(listener), stopped(stopping)),
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(stopping)),
     );
 
     // Kubelet dials the CSI endpoint right after GetInfo, so the registration socket appears

