@@ -91,6 +91,7 @@ impl From<crate::host::Error> for Error {
         match err {
             H::MissingTool(_) => Error::FailedPrecondition(err.to_string()),
             H::Busy(_) => Error::FailedPrecondition(err.to_string()),
+            H::Symlink(_) => Error::InvalidArgument(err.to_string()),
             H::Timeout { .. } => Error::Unavailable(err.to_string()),
             H::Io { .. } | H::Command { .. } => Error::Internal(err.to_string()),
         }

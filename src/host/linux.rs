@@ -7,15 +7,16 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, AT_FDCWD};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::statvfs::FsFlags;
 use tracing::debug;
@@ -256,21 +257,21 @@ impl Host for LinuxHost {
         let mut flags = MsFlags::from_bits_retain(opts.flags as libc::c_ulong);
         flags.set(MsFlags::MS_RDONLY, opts.read_only);
         let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
+        let context = || format!("mount {} on {} as {fs}", device.display(), target.display());
+        let point = MountPoint::open(target).map_err(|e| resolve_error(context(), e))?;
         debug!(device = %device.display(), target = %target.display(), fs, flags = flags.bits(), data = ?data, "mount(2)");
-        nix::mount::mount(Some(device), target, Some(fs), flags, data).map_err(|e| {
-            Error::io(
-                format!("mount {} on {} as {fs}", device.display(), target.display()),
-                e.into(),
-            )
-        })
+        nix::mount::mount(Some(device), &point.proc_path(), Some(fs), flags, data)
+            .map_err(|e| Error::io(context(), e.into()))
     }
 
     fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
         let context = || format!("bind {} on {}", source.display(), target.display());
+        let from = open_no_symlinks(AT_FDCWD, source).map_err(|e| resolve_error(context(), e))?;
+        let point = MountPoint::open(target).map_err(|e| resolve_error(context(), e))?;
         debug!(source = %source.display(), target = %target.display(), "mount(2) MS_BIND");
         nix::mount::mount(
-            Some(source),
-            target,
+            Some(&proc_fd_path(&from)),
+            &point.proc_path(),
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
@@ -279,9 +280,15 @@ impl Host for LinuxHost {
         if !read_only {
             return Ok(());
         }
-        if let Err(e) = remount_read_only(target) {
+        // The fd names the directory under the new mount; looking the name up again from the
+        // pinned parent lands on the mount's root (a mount point cannot be renamed away).
+        let root = match point.reopen() {
+            Ok(root) => root,
+            Err(e) => return Err(Error::io(format!("{}: find the new mount", context()), e)),
+        };
+        if let Err(e) = remount_read_only(&root) {
             // No half-done state: a read-write bind where read-only was asked is worse than none.
-            if let Err(undo) = umount(target) {
+            if let Err(undo) = umount_fd(&root) {
                 tracing::warn!(target = %target.display(), error = %undo, "could not undo a bind after its read-only remount failed");
             }
             return Err(Error::io(format!("{}: read-only remount", context()), e));
@@ -473,11 +480,11 @@ fn umount(target: &Path) -> io::Result<()> {
     nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(io::Error::from)
 }
 
-/// Makes the bind at `target` read-only. A bind remount replaces every per-mount flag, so the
-/// flags the bind inherited from its source (nosuid, nodev, noexec...) are passed again, or a
-/// read-only publish would quietly drop them.
-fn remount_read_only(target: &Path) -> io::Result<()> {
-    let inherited = nix::sys::statvfs::statvfs(target)?.flags();
+/// Makes the bind whose root `root` is read-only. A bind remount replaces every per-mount flag, so
+/// the flags the bind inherited from its source (nosuid, nodev, noexec...) are passed again, or
+/// a read-only publish would quietly drop them.
+fn remount_read_only(root: &OwnedFd) -> io::Result<()> {
+    let inherited = nix::sys::statvfs::fstatvfs(root)?.flags();
     let carried = [
         (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
         (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
@@ -490,9 +497,104 @@ fn remount_read_only(target: &Path) -> io::Result<()> {
     .filter(|(st, _)| inherited.contains(*st))
     .fold(MsFlags::empty(), |acc, (_, ms)| acc | ms);
     let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | carried;
-    debug!(target = %target.display(), flags = flags.bits(), "mount(2) MS_REMOUNT|MS_BIND|MS_RDONLY");
-    nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>)?;
+    let path = proc_fd_path(root);
+    debug!(target = %path.display(), flags = flags.bits(), "mount(2) MS_REMOUNT|MS_BIND|MS_RDONLY");
+    nix::mount::mount(None::<&str>, &path, None::<&str>, flags, None::<&str>)?;
     Ok(())
+}
+
+/// Unmounts the mount whose root `root` is. The magic link must be followed here: it is our
+/// own descriptor, so following it cannot lead anywhere else.
+fn umount_fd(root: &OwnedFd) -> io::Result<()> {
+    let path = proc_fd_path(root);
+    debug!(target = %path.display(), "umount2(2)");
+    nix::mount::umount2(&path, MntFlags::empty()).map_err(io::Error::from)
+}
+
+/// The path through which mount(2) reaches what `fd` was opened on, whatever has been renamed
+/// or swapped for a link since.
+fn proc_fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// A mount target resolved once, without following symbolic links: mount(2) is given its
+/// /proc/self/fd path, so a component swapped for a link after the node checked the path
+/// cannot redirect the mount (ARCHITECTURE.md invariant 10). The parent stays open so the new
+/// mount's root can be found again by name.
+struct MountPoint {
+    parent: OwnedFd,
+    name: PathBuf,
+    target: OwnedFd,
+}
+
+impl MountPoint {
+    fn open(path: &Path) -> io::Result<MountPoint> {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a mount target needs a parent and a name",
+            ));
+        };
+        let parent = open_no_symlinks(AT_FDCWD, parent)?;
+        let target = open_no_symlinks(&parent, Path::new(name))?;
+        Ok(MountPoint {
+            parent,
+            name: PathBuf::from(name),
+            target,
+        })
+    }
+
+    fn proc_path(&self) -> PathBuf {
+        proc_fd_path(&self.target)
+    }
+
+    fn reopen(&self) -> io::Result<OwnedFd> {
+        open_no_symlinks(&self.parent, &self.name)
+    }
+}
+
+/// Opens `path` (relative to `dir`) as an O_PATH descriptor, refusing a symbolic link in any
+/// component with ELOOP. openat2 does it in one call; on kernels before 5.6 the components are
+/// walked one by one with O_NOFOLLOW, which is as safe, only slower.
+fn open_no_symlinks<Fd: AsFd>(dir: Fd, path: &Path) -> io::Result<OwnedFd> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    match nix::fcntl::openat2(dir.as_fd(), path, how) {
+        Err(nix::errno::Errno::ENOSYS) => walk_no_symlinks(dir.as_fd(), path),
+        other => other.map_err(io::Error::from),
+    }
+}
+
+fn walk_no_symlinks(dir: BorrowedFd<'_>, path: &Path) -> io::Result<OwnedFd> {
+    use std::path::Component;
+    let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut at: OwnedFd = nix::fcntl::openat(dir, ".", flags, nix::sys::stat::Mode::empty())?;
+    for component in path.components() {
+        let name: &OsStr = match component {
+            Component::RootDir => OsStr::new("/"),
+            Component::CurDir => continue,
+            Component::ParentDir => OsStr::new(".."),
+            Component::Normal(name) => name,
+            Component::Prefix(_) => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+        };
+        let next = nix::fcntl::openat(&at, name, flags, nix::sys::stat::Mode::empty())?;
+        if nix::sys::stat::fstat(&next)?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Err(io::Error::from_raw_os_error(libc::ELOOP));
+        }
+        at = next;
+    }
+    Ok(at)
+}
+
+/// A symbolic link in a path the caller named is its error (INVALID_ARGUMENT); anything else
+/// is ours.
+fn resolve_error(context: String, e: io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        Error::Symlink(format!("{context}: the path goes through a symbolic link"))
+    } else {
+        Error::io(context, e)
+    }
 }
 
 fn block_device_size(file: &File) -> io::Result<u64> {

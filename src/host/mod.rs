@@ -158,6 +158,9 @@ pub enum Error {
     MissingTool(String),
     #[error("{0}")]
     Busy(String),
+    /// A path the caller gave goes through a symbolic link, found while resolving it to mount.
+    #[error("{0}")]
+    Symlink(String),
 }
 
 impl Error {
