@@ -14,7 +14,9 @@
 #   csictl
 #       from tests/e2e/csictl (the stand-in for kubelet's CSI calls)
 #
-# and copies the VolumeSnapshot CRDs of the pinned external-snapshotter to .../e2e/crds-<version>.
+# and copies the VolumeSnapshot CRDs of the pinned external-snapshotter to .../e2e/crds-<version>
+# and the ServiceMonitor and PodMonitor CRDs of a pinned Prometheus Operator to
+# .../e2e/monitoring-crds-<version>.
 # A cached file's name holds its version (or a hash of the module that builds it), so changing
 # a pin builds again and nothing stale is used. Builds go to a temporary directory and are moved
 # into place only when complete. Output: one "name=/abs/path" line per binary on stdout, plus
@@ -173,6 +175,22 @@ if [ ! -d "$crds" ]; then
   mv "$tmp_crds" "$crds"
 fi
 echo "crds=$crds"
+
+# The Prometheus Operator CRDs of the chart's ServiceMonitor and PodMonitor, so that run.sh can
+# validate them with the API server (they live in the operator's root module).
+readonly PROMETHEUS_OPERATOR_VERSION=v0.85.0
+mcrds="$cache/monitoring-crds-$PROMETHEUS_OPERATOR_VERSION"
+if [ ! -d "$mcrds" ]; then
+  po_mod="github.com/prometheus-operator/prometheus-operator"
+  dir="$(go mod download -json "$po_mod@$PROMETHEUS_OPERATOR_VERSION" | sed -n 's/^\s*"Dir": "\(.*\)",$/\1/p')"
+  src_crds="$dir/example/prometheus-operator-crd"
+  [ -f "$src_crds/monitoring.coreos.com_servicemonitors.yaml" ] || die "no CRDs in $po_mod@$PROMETHEUS_OPERATOR_VERSION"
+  tmp_crds="$(mktemp -d "$cache/.crds.XXXXXX")"
+  cp "$src_crds"/monitoring.coreos.com_{servicemonitors,podmonitors}.yaml "$tmp_crds/"
+  chmod u+w "$tmp_crds"/*.yaml
+  mv "$tmp_crds" "$mcrds"
+fi
+echo "monitoring-crds=$mcrds"
 
 # ---------------------------------------------------------------------------------------------
 # The pod sandbox's pause process, at the version Kubernetes' own build gives its image.

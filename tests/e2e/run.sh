@@ -24,8 +24,10 @@
 #   build          the binaries above (cached)
 #   control-plane  etcd, API server, controller manager, scheduler healthy
 #   snapshot-crds  VolumeSnapshot CRDs established
-#   manifests      every object in deploy/kubernetes/ passes a server-side dry-run apply;
-#                  the namespace, RBAC, CSIDriver and classes are then created for real
+#   manifests      every object in deploy/kubernetes/, and in a render of the chart with every
+#                  option on (tests/e2e/values-all.yaml; ServiceMonitor and PodMonitor CRDs
+#                  installed for it), passes a server-side dry-run apply; the namespace, RBAC,
+#                  CSIDriver and classes of deploy/kubernetes/ are then created for real
 #   driver         blockcsi controller and node up; the node registered like kubelet would
 #   sidecars       the sidecars up and leading, snapshot-controller up
 #   provision      PVC (WaitForFirstConsumer) + Pod -> scheduler picks the node ->
@@ -213,6 +215,7 @@ manifest_facts() {
     STORAGE_CLASS="$(k create --dry-run=client -f "$manifests/50-storageclass.yaml" -o jsonpath='{.metadata.name}')" &&
     SNAPSHOT_CLASS="$(k create --dry-run=client -f "$manifests/60-volumesnapshotclass.yaml" -o jsonpath='{.metadata.name}')" &&
     CONTROLLER_SA="$(k create --dry-run=client -f "$manifests/30-controller.yaml" -o jsonpath='{.spec.template.spec.serviceAccountName}')" &&
+    CONTROLLER_POD="$(k create --dry-run=client -f "$manifests/30-controller.yaml" -o jsonpath='{.metadata.name}')-0" &&
     POOL_PATH="$(k create --dry-run=client -f "$manifests/30-controller.yaml" -o jsonpath='{.spec.template.spec.volumes[?(@.name=="pool")].hostPath.path}')" &&
     [ -n "$DRIVER" ] && [ -n "$DRIVER_NS" ] && [ -n "$STORAGE_CLASS" ] && [ -n "$CONTROLLER_SA" ] && [ -n "$POOL_PATH" ]
 }
@@ -227,9 +230,31 @@ step_manifests() {
     fail "server-side dry-run of $manifests" || return
   log "validated by the API server: $(echo "$objects" | wc -l) objects"
   echo "$objects" | sed 's/^/  /' >&2
+  validate_all_options || return 1
   # The objects the scenario needs, for real; the workloads stay dry-run (no kubelet runs them).
   k apply --server-side -f "$manifests/10-rbac.yaml" -f "$manifests/20-csidriver.yaml" \
     -f "$manifests/50-storageclass.yaml" -f "$manifests/60-volumesnapshotclass.yaml" >&2 || return 1
+}
+
+# validate_all_options: the chart rendered with tests/e2e/values-all.yaml (every option on,
+# helm test hooks included) passes the same dry run. The monitors need the Prometheus Operator
+# CRDs; each optional kind must be among the objects, so the values file cannot silently stop
+# covering one.
+validate_all_options() {
+  local dir="$tmp/manifests-all" objects kind
+  [ -n "${MONITORING_CRDS:-}" ] || fail "build.sh did not report monitoring-crds" || return
+  k apply --server-side -f "$MONITORING_CRDS" >&2 || fail "applying the CRDs in $MONITORING_CRDS" || return
+  k wait --for=condition=Established --timeout="${wait_s}s" -f "$MONITORING_CRDS" >&2 || return 1
+  "$repo/deploy/render.sh" --values "$here/values-all.yaml" --out "$dir" >&2 ||
+    fail "rendering the chart with $here/values-all.yaml" || return
+  objects="$(k apply --server-side --dry-run=server --validate=strict -f "$dir" -o name)" ||
+    fail "server-side dry-run of the chart with every option on ($dir)" || return
+  for kind in servicemonitor.monitoring.coreos.com podmonitor.monitoring.coreos.com \
+    poddisruptionbudget.policy service volumesnapshotclass.snapshot.storage.k8s.io \
+    role.rbac.authorization.k8s.io pod persistentvolumeclaim; do
+    grep -q "^$kind/" <<<"$objects" || fail "no $kind in the render of values-all.yaml" || return
+  done
+  log "validated by the API server with every option on: $(echo "$objects" | wc -l) objects"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -241,15 +266,39 @@ container_args() {
     -o jsonpath="{range .spec.template.spec.containers[?(@.name==\"$2\")].args[*]}{@}{\"\\n\"}{end}"
 }
 
-# localise SOCKET: rewrite manifest arguments (stdin) for a local process: the socket, the pool
-# path, the node name, and diagnostics endpoints moved to loopback (port 0: any free port, as
-# several processes share the host's network here, unlike containers in a pod).
+# container_env FILE CONTAINER: the container's environment in the manifest, one NAME=VALUE a
+# line; a value from the downward API becomes what it would be here (the node, the namespace,
+# the pod name the first StatefulSet replica would have).
+container_env() {
+  local name field value
+  # "|" as the separator: IFS whitespace would merge the empty fields.
+  while IFS='|' read -r name field value; do
+    [ -n "$name" ] || continue
+    case "$field" in
+      "") ;;
+      spec.nodeName) value="$NODE" ;;
+      metadata.namespace) value="$DRIVER_NS" ;;
+      metadata.name) value="$CONTROLLER_POD" ;;
+      *) log "container_env: no local value for $name (fieldRef $field)"; return 1 ;;
+    esac
+    printf '%s=%s\n' "$name" "$value"
+  done < <(k create --dry-run=client -f "$1" \
+    -o jsonpath="{range .spec.template.spec.containers[?(@.name==\"$2\")].env[*]}{.name}|{.valueFrom.fieldRef.fieldPath}|{.value}{\"\\n\"}{end}")
+}
+
+# localise SOCKET: rewrite manifest arguments or NAME=VALUE environment lines (stdin) for a
+# local process: the socket, the pool path, the node name, and diagnostics endpoints moved to
+# loopback (port 0: any free port, as several processes share the host's network here, unlike
+# containers in a pod).
 localise() {
   local a
   while IFS= read -r a; do
     [ -n "$a" ] || continue
     case "$a" in
       --http-endpoint=*) a="--http-endpoint=127.0.0.1:0" ;;
+      # The CSIStorageCapacity objects' owner is looked up from the provisioner's pod, which
+      # does not exist here (no kubelet runs the StatefulSet): objects without an owner.
+      --capacity-ownerref-level=*) a="--capacity-ownerref-level=-1" ;;
       --metrics-address=*) a="--metrics-address=127.0.0.1:0" ;;
       --health-address=*) a="--health-address=127.0.0.1:0" ;;
       # Kubelet's plugin registry and the CSI socket's host path, under our kubelet directory.
@@ -265,18 +314,21 @@ localise() {
 }
 
 step_driver() {
-  local -a cargs nargs
+  local -a cargs nargs cenv nenv
   CTRL_SOCK="$tmp/controller/csi.sock"
   NODE_SOCK="$kubelet/plugins/$DRIVER/csi.sock"
   mapfile -t cargs < <(container_args "$manifests/30-controller.yaml" blockcsi | localise "$CTRL_SOCK")
   mapfile -t nargs < <(container_args "$manifests/40-node.yaml" blockcsi | localise "$NODE_SOCK")
   [ "${#cargs[@]}" -gt 2 ] && [ "${#nargs[@]}" -gt 2 ] || fail "no blockcsi arguments in the manifests" || return
-  log "controller: blockcsi ${cargs[*]}"
-  log "node:       blockcsi ${nargs[*]}"
+  # The manifests give the socket as CSI_ENDPOINT in the environment.
+  mapfile -t cenv < <(container_env "$manifests/30-controller.yaml" blockcsi | localise "$CTRL_SOCK")
+  mapfile -t nenv < <(container_env "$manifests/40-node.yaml" blockcsi | localise "$NODE_SOCK")
+  log "controller: ${cenv[*]} blockcsi ${cargs[*]}"
+  log "node:       ${nenv[*]} blockcsi ${nargs[*]}"
   # The controller creates the pool; the node then registers in it.
-  start blockcsi-controller "$binary" "${cargs[@]}"
+  start blockcsi-controller env "${cenv[@]}" "$binary" "${cargs[@]}"
   wait_until "the controller socket" test -S "$CTRL_SOCK" || return 1
-  start blockcsi-node "$binary" "${nargs[@]}"
+  start blockcsi-node env "${nenv[@]}" "$binary" "${nargs[@]}"
   wait_until "the node socket" test -S "$NODE_SOCK" || return 1
   # The manifest makes the node plugin register with kubelet: its registration socket appears
   # once the CSI socket is served.
@@ -353,8 +405,8 @@ EOF
 # sidecars
 
 step_sidecars() {
-  local token sa_kubeconfig="$pki/controller-sa.kubeconfig" name bin cap want=0
-  local -a args
+  local token sa_kubeconfig="$pki/controller-sa.kubeconfig" name bin cap want=0 capacity=0
+  local -a args envs
   # The sidecars authenticate as the controller's ServiceAccount: the manifests' RBAC is tested.
   token="$(k -n "$DRIVER_NS" create token "$CONTROLLER_SA" --duration=2h)" || fail "token for $CONTROLLER_SA" || return
   kubeconfig "$sa_kubeconfig" --token="$token" || return 1
@@ -376,9 +428,12 @@ step_sidecars() {
       log "$name not started: it is not in the manifests"
       continue
     fi
+    # csi-provisioner's capacity tracking reads NAMESPACE and POD_NAME.
+    mapfile -t envs < <(container_env "$manifests/30-controller.yaml" "$name" | localise "$CTRL_SOCK")
     printf '%s\n' "${args[@]}" | grep -q '^--leader-election$' && want=$((want + 1))
-    log "$name ${args[*]}"
-    start "$name" "$bin" "${args[@]}" --kubeconfig="$sa_kubeconfig"
+    printf '%s\n' "${args[@]}" | grep -q '^--enable-capacity$' && capacity=1
+    log "$name ${envs[*]} ${args[*]}"
+    start "$name" env "${envs[@]}" "$bin" "${args[@]}" --kubeconfig="$sa_kubeconfig"
   done
   # snapshot-controller is a cluster add-on, not part of our manifests: cluster credentials.
   start snapshot-controller "$SNAPSHOT_CONTROLLER" --kubeconfig="$KUBECONFIG" --leader-election=false \
@@ -387,6 +442,14 @@ step_sidecars() {
   leases_held() { [ "$(k -n "$DRIVER_NS" get leases -o name | wc -l)" -ge "$want" ]; }
   wait_until "$want sidecar leases in $DRIVER_NS" leases_held || return 1
   k -n "$DRIVER_NS" get leases >&2 || true
+  # With capacity tracking on, the scheduler places a pod only where a CSIStorageCapacity
+  # object says the pool has room: the provisioner must publish one for the node's pool.
+  if [ "$capacity" -eq 1 ]; then
+    capacity_published() { [ -n "$(k -n "$DRIVER_NS" get csistoragecapacities -o name)" ]; }
+    wait_until "a CSIStorageCapacity object in $DRIVER_NS" capacity_published || return 1
+    k -n "$DRIVER_NS" get csistoragecapacities \
+      -o custom-columns=NAME:.metadata.name,CLASS:.storageClassName,TOPOLOGY:.nodeTopology.matchLabels,CAPACITY:.capacity >&2 || true
+  fi
   sleep 2
   [ -z "$(dead_procs)" ] || fail "exited: $(dead_procs)" || return
 }

@@ -47,16 +47,45 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end -}}
 
-{{/* The driver's log format and, when metrics are on, its metrics listener. */}}
-{{/* Callers indent the result with `with`. */}}
-{{- define "blockcsi.observabilityArgs" -}}
-- --log-format={{ .Values.logFormat }}
+{{/* The driver arguments both pods share: pool, name, logging and, when metrics are on, the
+metrics listener. Callers indent the result with `with`. */}}
+{{- define "blockcsi.driverArgs" -}}
+- --pool={{ .Values.pool.hostPath }}
+- --driver-name={{ .Values.driverName }}
+- --log-level={{ .Values.driver.logLevel }}
+- --log-format={{ .Values.driver.logFormat }}
 {{- if .Values.metrics.enabled }}
 - --metrics-address=0.0.0.0:{{ .Values.metrics.driverPort }}
 {{- end }}
 {{- end -}}
 
-{{/* Container security settings of the unprivileged containers. */}}
+{{/* The CSI socket as an environment variable: `serve`, `ctl` and `doctor` all read
+CSI_ENDPOINT, so a command run with `kubectl exec` dials the socket the driver serves. */}}
+{{- define "blockcsi.endpointEnv" -}}
+- name: CSI_ENDPOINT
+  value: unix:///csi/csi.sock
+{{- end -}}
+
+{{/*
+Whether an optional API feature is rendered: value false never, true always, "auto" when the
+cluster serves the API group version. Call with (dict "value" V "api" "group/version" "ctx" $);
+prints "true" or nothing.
+*/}}
+{{- define "blockcsi.apiEnabled" -}}
+{{- $v := .value -}}
+{{- if eq (toString $v) "true" -}}
+true
+{{- else if and (eq (toString $v) "auto") (.ctx.Capabilities.APIVersions.Has .api) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "blockcsi.snapshots" -}}
+{{- include "blockcsi.apiEnabled" (dict "value" .Values.snapshots.enabled "api" "snapshot.storage.k8s.io/v1" "ctx" .) -}}
+{{- end -}}
+
+{{/* Container security settings of the unprivileged containers (the pod sets the seccomp
+profile). */}}
 {{- define "blockcsi.restricted" -}}
 securityContext:
   allowPrivilegeEscalation: false
@@ -68,7 +97,12 @@ securityContext:
 {{/* The controller sidecars this release runs, as a list of names. */}}
 {{- define "blockcsi.controllerSidecars" -}}
 {{- $names := list "provisioner" "attacher" -}}
-{{- if .Values.sidecars.snapshotter.enabled }}{{ $names = append $names "snapshotter" }}{{ end -}}
+{{- if include "blockcsi.snapshots" . }}{{ $names = append $names "snapshotter" }}{{ end -}}
 {{- if .Values.sidecars.resizer.enabled }}{{ $names = append $names "resizer" }}{{ end -}}
 {{- join " " $names -}}
+{{- end -}}
+
+{{/* The metrics port names of the sidecars (at most 15 characters). */}}
+{{- define "blockcsi.sidecarPortName" -}}
+{{- index (dict "provisioner" "http-prov" "attacher" "http-attach" "snapshotter" "http-snap" "resizer" "http-resize") . -}}
 {{- end -}}
