@@ -60,7 +60,7 @@ read -r c_pass c_fail c_skip < <(awk '/^test result:/ {
       if ($(i) ~ /^ignored;?$/) s += $(i-1);
     } } END { print p+0, f+0, s+0 }' "$log")
 if [ "$cargo_status" -ne 0 ] && [ "$c_fail" -eq 0 ]; then c_fail=1; fi
-reliability="$(grep -E '^(hostile|fuzz|crash|torture): ' "$log" | sort -u || true)"
+reliability="$(grep -E '^(hostile|fuzz|crash|torture|powercut): ' "$log" | sort -u || true)"
 reliability_totals="$(awk '
     /^hostile: .* cases$/ { cases += $(NF-1) }
     /^fuzz: .* executions$/ { runs += $(NF-1) }

@@ -22,9 +22,9 @@ use crate::daemon::registration::RegistrationService;
 use crate::host::linux::LinuxHost;
 use crate::node::NodeService;
 use crate::pb;
-use crate::storage::filepool::provider::FilePoolProvider;
 use crate::storage::filepool::devices::PoolDevices;
 use crate::storage::filepool::ledger::PoolLedger;
+use crate::storage::filepool::provider::FilePoolProvider;
 use crate::storage::filepool::FilePool;
 use crate::storage::BlockStorage;
 

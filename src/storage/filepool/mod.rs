@@ -32,8 +32,8 @@ pub mod devices;
 pub(crate) mod fsutil;
 mod gc;
 mod health;
-pub mod provider;
 pub mod ledger;
+pub mod provider;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -929,15 +929,23 @@ impl BlockStorage for FilePool {
             if bytes <= v.capacity_bytes {
                 return Ok(false);
             }
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .map_err(|e| Error::io(format!("open image of volume {id}"), e))?;
             let grow = || -> std::io::Result<()> {
-                let f = OpenOptions::new().write(true).open(&image)?;
                 if v.provisioning == Provisioning::Thick {
                     copy::reserve(&f, v.capacity_bytes, bytes)?;
                 }
                 f.set_len(bytes)?;
                 f.sync_all()
             };
-            grow().map_err(|e| Error::io(format!("grow image of volume {id}"), e))?;
+            if let Err(e) = grow() {
+                // A reservation cut short by ENOSPC has already grown the image and kept the
+                // blocks it got: give both back, so the image stays the size its record says.
+                let _ = f.set_len(v.capacity_bytes);
+                return Err(Error::io(format!("grow image of volume {id}"), e));
+            }
             v.capacity_bytes = bytes;
             v.pending_node_expansion = true;
             Ok(true)
