@@ -107,10 +107,19 @@ async fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT, caught from the moment this is called: it must run before the socket is
+/// bound, or a signal sent as soon as the socket answers would kill the process unclean.
+fn shutdown_signals() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    shutdown_signal(term, int)
+}
+
+async fn shutdown_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+) {
     let name = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
@@ -151,6 +160,7 @@ fn tune_malloc() {
 }
 
 pub async fn serve(cfg: Config) -> Result<(), ServeError> {
+    let signals = shutdown_signals();
     let pool = FilePool::open(&cfg.pool).map_err(|source| ServeError::Pool {
         path: cfg.pool.display().to_string(),
         source,
@@ -305,7 +315,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     };
 
     let ended_early = tokio::select! {
-        () = shutdown_signal() => None,
+        () = signals => None,
         res = &mut csi => Some(res),
     };
     // Kubelet deregisters a plugin whose registration socket is gone: remove it before the

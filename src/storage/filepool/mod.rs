@@ -246,10 +246,18 @@ impl FilePool {
             let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) else {
                 continue;
             };
-            if is_snapshot_id(id) && self.load_snapshot(id)?.is_none() {
+            if !is_snapshot_id(id) || self.load_snapshot(id)?.is_some() {
+                continue;
+            }
+            // Another controller on this pool may be between the image's rename and its
+            // record: its snapshot lock is held until the record is durable. Wait for it,
+            // then look again.
+            let lock = self.lock("snapshot", id)?;
+            if self.load_snapshot(id)?.is_none() {
                 remove_if_exists(&self.snapshot_record(id))?;
                 remove_if_exists(&entry.path())?;
                 removed += 1;
+                lock.remove()?;
             }
         }
         if removed > 0 {
@@ -288,8 +296,6 @@ impl FilePool {
         read_json(&self.record(id))
     }
 
-    /// The ids of the records (`<id>.json`) in a metadata directory, ordered; temp files and
-    /// other names are skipped.
     /// Every volume id with a record, sorted: one readdir, no record read.
     pub fn volume_ids(&self) -> Result<Vec<String>> {
         self.record_ids("meta/volumes", is_volume_id)
@@ -316,6 +322,8 @@ impl FilePool {
         Ok(self.load_snapshot(id)?.map(|r| r.snapshot))
     }
 
+    /// The ids of the records (`<id>.json`) in a metadata directory, ordered; temp files and
+    /// other names are skipped.
     fn record_ids(&self, sub: &str, valid: fn(&str) -> bool) -> Result<Vec<String>> {
         let dir = self.root.join(sub);
         let entries =
@@ -1403,6 +1411,35 @@ mod tests {
         assert!(!pool.snapshot_image(&s.id).exists() && !half.exists());
         // The retry of the same name makes it whole.
         assert_eq!(pool.create_snapshot("s", &v.id).unwrap().id, s.id);
+    }
+
+    #[test]
+    fn a_second_controller_never_collects_a_snapshot_being_made() {
+        let (d, pool) = pool();
+        let v = pool.create_volume(&req("src", 1 << 20)).unwrap();
+        let s = pool.create_snapshot("s", &v.id).unwrap();
+        // Another controller's snapshot between the image's rename and its record: the record
+        // is not written yet, and its writer holds the snapshot lock.
+        let record = pool.snapshot_record(&s.id);
+        let saved = std::fs::read(&record).unwrap();
+        std::fs::remove_file(&record).unwrap();
+        let writer = pool.lock("snapshot", &s.id).unwrap();
+        let other = FilePool::open(d.path()).unwrap();
+        let collector = std::thread::spawn(move || other.collect_orphan_snapshots().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !collector.is_finished(),
+            "the collector waits for the writer's lock"
+        );
+        std::fs::write(&record, &saved).unwrap();
+        drop(writer);
+        assert_eq!(
+            collector.join().unwrap(),
+            0,
+            "a finished snapshot is never removed"
+        );
+        assert!(pool.snapshot_image(&s.id).exists());
+        assert_eq!(pool.snapshot(&s.id).unwrap(), s);
     }
 
     #[test]
